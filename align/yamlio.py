@@ -81,7 +81,7 @@ def _suggest(model: Any, path: KeyPath) -> str:
 
 
 def describe_validation_error(
-    path: Path, exc: Any, lines: dict[KeyPath, int], model: Any, max_errors: int = 5
+    path: Path, exc: Any, lines: dict[KeyPath, int | str], model: Any, max_errors: int = 5
 ) -> str:
     """Render a pydantic ValidationError as one line per problem: `file:line: key.path: message`."""
     messages = []
@@ -92,7 +92,8 @@ def describe_validation_error(
             line = lines.get(loc[:cut])
             if line is not None:
                 break
-        where = f"{path}:{line}" if line else str(path)
+        # Lines are ints for keys read from the file; a string names another origin such as "--set a.b=c".
+        where = line if isinstance(line, str) else (f"{path}:{line}" if line else str(path))
         if err["type"] == "extra_forbidden":
             text = f"unknown key{_suggest(model, loc)}"
         elif err["type"] == "missing":

@@ -1,0 +1,305 @@
+"""The `align` command line: thin commands over the library, errors mapped to exit codes in `main()` only.
+
+Heavy libraries (torch, transformers, trl) are imported inside commands, so `align --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from align.errors import AlignError
+
+app = typer.Typer(
+    name="align",
+    help="Align open language models: LoRA SFT -> reward model -> DPO/PPO, each stage a versioned artifact.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+recipe_app = typer.Typer(help="Check and show recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Check and preview data cards.", no_args_is_help=True)
+artifacts_app = typer.Typer(help="Browse the artifact registry.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data")
+app.add_typer(artifacts_app, name="artifacts")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: KEY.PATH=VALUE (repeatable).")]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", help="Artifact registry root [default: recipe output.root, $ALIGN_REGISTRY, artifacts]."),
+]
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _registry(option: Path | None, recipe_root: str | None = None) -> Any:
+    from align.artifacts import Registry
+
+    root = option or os.environ.get("ALIGN_REGISTRY") or recipe_root or "artifacts"
+    return Registry(Path(root))
+
+
+def _summary_table(artifact: Any) -> Any:
+    from rich.table import Table
+
+    manifest = artifact.manifest
+    table = Table(title=f"{manifest['stage']} -> {artifact.ref}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("artifact", artifact.ref)
+    table.add_row("path", str(artifact.path))
+    parent = next((p["ref"] for p in manifest["parents"] if p["role"] == "model"), None)
+    table.add_row("started from", parent or manifest["base_model"]["spec"])
+    table.add_row("duration", f"{manifest['duration_s']:.1f} s")
+    for key, value in manifest["metrics"].items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def sft(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this recipe.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Supervised fine-tuning with LoRA: a data card of conversations -> a versioned adapter."""
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides or [], stage="sft")
+    if _self_launched(recipe):
+        return
+    from align.stages import sft as stage
+
+    console = _console(stderr=True)
+    artifact = stage.run(recipe, _registry(registry, recipe.output.root), resume=resume,
+                         say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+    if artifact is not None:
+        _console().print(_summary_table(artifact))
+        _console().print(f"published {artifact.ref} -> {artifact.path}")
+
+
+def _self_launched(recipe: Any) -> bool:
+    """Re-run this very command under `accelerate launch` when the recipe asks for several processes."""
+    from align import runtime
+
+    if not runtime.should_self_launch(recipe.launch.num_processes):
+        return False
+    from align.recipe import detect_device
+
+    config = recipe.relative_path(recipe.launch.accelerate_config) if recipe.launch.accelerate_config else None
+    code = runtime.self_launch(sys.argv[1:], recipe.launch.num_processes, config, detect_device()["type"] == "cuda")
+    if code:
+        raise typer.Exit(code)
+    return True
+
+
+# ---- recipe ------------------------------------------------------------------------------------------------
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
+    """Check a recipe: schema, unknown keys, and that its data card and model/artifact references exist."""
+    from align.data import load_card
+    from align.models import resolve_base
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    card = load_card(recipe.relative_path(recipe.data.card))
+    if recipe.model.base is not None:
+        resolve_base(recipe.model.base, recipe.path.parent, recipe.model.revision)
+    else:
+        _registry(None, recipe.output.root).resolve(recipe.model.from_)
+    _console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    resolved: Annotated[bool, typer.Option("--resolved", help="Also resolve device-aware defaults here.")] = False,
+) -> None:
+    """Print the recipe with every default filled in (as the manifest will record it)."""
+    import yaml
+
+    from align.recipe import detect_device, load_recipe, resolve_device_defaults
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    if resolved:
+        recipe = resolve_device_defaults(recipe, detect_device())
+    typer.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+
+@data_app.command("validate")
+def data_validate(
+    card_path: Annotated[Path, typer.Argument(help="Data card YAML file.", show_default=False)],
+    tokenizer: Annotated[str | None, typer.Option(help="Model (dir, hub id, .gguf) for token-length stats.")] = None,
+    chat_template: Annotated[str, typer.Option(help="auto | default | none, as in a recipe.")] = "auto",
+) -> None:
+    """Load every row of a card: counts, rejected rows with their line, token-length percentiles."""
+    from rich.table import Table
+
+    from align.data import load_card, load_data, token_length_percentiles
+    from align.errors import DataError
+
+    card = load_card(card_path)
+    data = load_data(card, strict=False)
+    console = _console()
+    summary = data.summary()
+    console.print(f"{card_path}: {card.name} ({card.format}): {len(data.train)} train, {len(data.eval)} eval rows, "
+                  f"{len(data.rejected)} rejected")
+    for file in summary.get("files", []):
+        console.print(f"  {file['path']}  sha256 {file['sha256'][:16]}...")
+    for rejected in data.rejected[:20]:
+        console.print(f"  [red]rejected[/red] {rejected.location}: {rejected.reason}")
+    if len(data.rejected) > 20:
+        console.print(f"  ... and {len(data.rejected) - 20} more")
+    if tokenizer:
+        count = _token_counter(tokenizer, chat_template)
+        table = Table(title="token lengths (prompt + reply)")
+        stats = {split: token_length_percentiles(rows, count) for split, rows in
+                 (("train", data.train), ("eval", data.eval)) if rows}
+        keys = list(next(iter(stats.values())))
+        table.add_column("split")
+        for key in keys:
+            table.add_column(str(key), justify="right")
+        for split, values in stats.items():
+            table.add_row(split, *(f"{values[k]:.0f}" for k in keys))
+        console.print(table)
+    if data.rejected and card.on_malformed == "error":
+        raise DataError(f"{card_path}: {len(data.rejected)} malformed row(s); fix them or set on_malformed: skip")
+
+
+def _token_counter(tokenizer_spec: str, chat_template: str) -> Any:
+    from align.generation import to_plain_text_row
+    from align.models import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(resolve_base(tokenizer_spec, Path.cwd()), chat_template)
+
+    def count(row: dict[str, Any]) -> int:
+        reply = row.get("completion") or row.get("chosen") or []
+        if chat_template == "none":
+            plain = to_plain_text_row(row)
+            return len(tokenizer(plain["prompt"] + plain.get("completion", plain.get("chosen", "")))["input_ids"])
+        return len(tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=True, return_dict=False))
+
+    return count
+
+
+@data_app.command("preview")
+def data_preview(
+    card_path: Annotated[Path, typer.Argument(help="Data card YAML file.", show_default=False)],
+    rows: Annotated[int, typer.Option("-n", "--rows", help="How many rows to show.")] = 3,
+    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+) -> None:
+    """Show a few rows as the trainer will see them (after format conversion)."""
+    from align.data import describe_row, load_card, load_data
+    from align.errors import DataError
+
+    if split not in ("train", "eval"):
+        raise DataError(f"--split must be train or eval, not {split!r}")
+    data = load_data(load_card(card_path))
+    console = _console()
+    for index, row in enumerate(getattr(data, split)[:rows]):
+        console.rule(f"{split} row {index}")
+        console.print(describe_row(row), markup=False)
+
+
+# ---- artifacts ---------------------------------------------------------------------------------------------
+
+
+@artifacts_app.command("list")
+def artifacts_list(
+    name: Annotated[str | None, typer.Argument(help="Only this artifact name.")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Every published version: stage, creation time, parents, headline metric."""
+    from rich.table import Table
+
+    reg = _registry(registry)
+    table = Table(title=f"artifacts in {reg.root}")
+    for column in ("ref", "stage", "created", "from", "data"):
+        table.add_column(column)
+    for artifact in reg.list(name):
+        manifest = artifact.manifest
+        parent = ", ".join(p["ref"] for p in manifest.get("parents", [])) or manifest["base_model"]["spec"]
+        data = ", ".join(d.get("name", "?") for d in manifest.get("data", []))
+        table.add_row(artifact.ref, manifest["stage"], manifest.get("created", "")[:19], parent, data)
+    _console().print(table)
+
+
+@artifacts_app.command("show")
+def artifacts_show(
+    ref: Annotated[str, typer.Argument(help="NAME@vN, NAME@latest, NAME or a path.", show_default=False)],
+    registry: RegistryOpt = None,
+) -> None:
+    """Print an artifact's manifest."""
+    import json
+
+    artifact = _registry(registry).resolve(ref)
+    typer.echo(json.dumps(artifact.manifest, indent=2, ensure_ascii=False))
+
+
+@artifacts_app.command("lineage")
+def artifacts_lineage(
+    ref: Annotated[str, typer.Argument(help="NAME@vN, NAME@latest, NAME or a path.", show_default=False)],
+    registry: RegistryOpt = None,
+) -> None:
+    """The parent chain down to the base model, with data cards at every step."""
+    from rich.tree import Tree
+
+    reg = _registry(registry)
+    nodes = reg.lineage(ref)
+    root = Tree(_lineage_label(nodes[0]))
+    stack = [(0, root)]
+    for node in nodes[1:]:
+        while stack and stack[-1][0] >= node.depth:
+            stack.pop()
+        branch = stack[-1][1].add(_lineage_label(node))
+        stack.append((node.depth, branch))
+    _console().print(root)
+
+
+def _lineage_label(node: Any) -> str:
+    if node.missing:
+        return f"{node.ref} (missing)"
+    role = f"{node.role}: " if node.role else ""
+    data = f" data={','.join(node.data)}" if node.data else ""
+    return f"{role}{node.ref} [{node.stage}] base={node.base_model}{data}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors exit 2 with one message, interrupts 143/130, bugs 1 with a traceback."""
+    import click
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except AlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was published", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,221 @@
+"""Recipe schema: one YAML file per stage run, validated strictly, with device-aware defaults resolved in one place.
+
+Field names follow TRL/PEFT where they exist (`learning_rate`, `per_device_train_batch_size`, `r`, `lora_alpha`)
+so users' habits carry over. Paths inside a recipe are relative to the recipe file; the registry root
+(`output.root`) is relative to the working directory, like the `artifacts/` folder it names.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from align.errors import RecipeError
+from align.hashing import sha256_json
+from align.yamlio import describe_validation_error, load_yaml
+
+Stage = Literal["sft", "reward", "dpo", "ppo"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Where the starting weights come from: a base model, or an earlier artifact (its chain merged in memory)."""
+
+    base: str | None = Field(None, description="Hub id, local HF directory, .gguf file, or pkg:<module>/<file>.gguf")
+    from_: str | None = Field(None, alias="from", description="Artifact reference NAME@vN, NAME@latest or a path")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
+    trust_remote_code: bool = False
+    chat_template: Literal["auto", "default", "none"] = Field(
+        "auto", description="auto: the model's own, else align's default; default: always align's; none: plain text"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.base is None) == (self.from_ is None):
+            raise ValueError("give exactly one of 'base' (a model) or 'from' (an artifact reference)")
+        return self
+
+
+class DataSection(_Section):
+    card: str = Field(description="Path of the data card, relative to the recipe file")
+    limit: int | None = Field(None, gt=0, description="Use at most this many training rows")
+    eval_limit: int | None = Field(None, gt=0, description="Use at most this many eval rows")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainSection(_Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Positive: stop after this many optimizer steps (overrides epochs)")
+    per_device_train_batch_size: int = Field(8, gt=0)
+    per_device_eval_batch_size: int = Field(16, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated")
+    warmup_steps: float = Field(0.0, ge=0, description="Below 1: a fraction of the total steps")
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool | None = Field(None, description="None: off on CPU, on for GPUs")
+    optim: str | None = Field(None, description="None: adamw_torch on CPU, adamw_torch_fused on GPUs")
+    packing: bool = False
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="None: evaluate before and after training only")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (for --resume)")
+    save_total_limit: int = Field(2, gt=0)
+    report_to: list[str] = Field(default_factory=lambda: ["none"])
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class SftSection(_Section):
+    completion_only_loss: bool = Field(True, description="Loss on the assistant reply only, not the prompt")
+    num_samples: int = Field(4, ge=0, description="Eval prompts generated before and after training")
+    max_new_tokens: int = Field(48, gt=0)
+
+
+class LaunchSection(_Section):
+    num_processes: int = Field(1, gt=0, description="Above 1: align re-launches itself with `accelerate launch`")
+    accelerate_config: str | None = Field(None, description="Accelerate config file (recipes/accelerate/*.yaml)")
+
+
+class OutputSection(_Section):
+    root: str = Field("artifacts", description="Registry root, relative to the working directory")
+
+
+class Recipe(_Section):
+    stage: Stage
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Artifact name to publish under")
+    description: str = ""
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    sft: SftSection = Field(default_factory=SftSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    _path: Path = PrivateAttr(default=Path("recipe.yaml"))
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self._overrides
+
+    def relative_path(self, value: str) -> Path:
+        """A path written in the recipe, resolved against the recipe file's directory."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self._path.parent / path).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def sha256(self) -> str:
+        return sha256_json(self.to_dict())
+
+
+def _apply_override(data: dict, override: str, lines: dict) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {override}: '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+    lines[tuple(parts)] = f"--set {override}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None) -> Recipe:
+    """Read, override and validate a recipe; every mistake becomes one RecipeError naming file, line and key."""
+    path = Path(path)
+    data, lines = load_yaml(path, RecipeError)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections, not {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for override in overrides:
+        _apply_override(data, override, lines)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(describe_validation_error(path, exc, lines, Recipe)) from None
+    if stage is not None and recipe.stage != stage:
+        where = lines.get(("stage",), "")
+        raise RecipeError(
+            f"{path}:{where}: stage: this recipe is for `align {recipe.stage}`, not `align {stage}`".replace(":: ", ": ")
+        )
+    recipe._path = path.resolve()
+    recipe._overrides = tuple(overrides)
+    return recipe
+
+
+# ---- device-aware defaults, resolved in exactly one place --------------------------------------------------
+
+
+def detect_device() -> dict[str, Any]:
+    """What this process will train on. Imports torch, so only stage commands call it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported()}
+    return {"type": "cpu", "name": "cpu", "bf16": False}
+
+
+def resolve_device_defaults(recipe: Recipe, device: dict[str, Any]) -> Recipe:
+    """Fill every `auto`/None that depends on the hardware, and refuse what the hardware cannot do.
+
+    TRL defaults bf16=True (raises on CPU) and activation checkpointing on (about 1.6x slower on CPU), so
+    we decide here instead: fp32 without checkpointing on CPU, bf16 (else fp16) with checkpointing on GPUs.
+    """
+    resolved = recipe.model_copy(deep=True)
+    resolved._path, resolved._overrides = recipe._path, recipe._overrides
+    train = resolved.train
+    on_gpu = device["type"] == "cuda"
+    if train.precision == "auto":
+        train.precision = ("bf16" if device["bf16"] else "fp16") if on_gpu else "fp32"
+    elif train.precision in ("bf16", "fp16") and not on_gpu:
+        raise RecipeError(
+            f"{recipe.path}: train.precision: {train.precision} needs a GPU and this machine has none; use fp32 or auto"
+        )
+    elif train.precision == "bf16" and not device["bf16"]:
+        raise RecipeError(f"{recipe.path}: train.precision: {device['name']} does not support bf16; use fp16 or auto")
+    if train.activation_checkpointing is None:
+        train.activation_checkpointing = on_gpu
+    if train.optim is None:
+        train.optim = "adamw_torch_fused" if on_gpu else "adamw_torch"
+    return resolved

@@ -1,0 +1,134 @@
+"""Process-level concerns every stage shares: ranks and seeds, graceful SIGTERM, self-launch under Accelerate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from align.errors import RecipeError, StageInterrupted
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the environment `accelerate launch`/torchrun set; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def rank_seed(seed: int, purpose: str = "") -> int:
+    """A seed distinct per rank and purpose, so ranks sample different data but runs stay reproducible."""
+    rank, _ = world()
+    digest = hashlib.sha256(f"{seed}:{rank}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value on every rank (e.g. the version it published)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ---- graceful interruption ----------------------------------------------------------------------------------
+
+
+class InterruptFlag:
+    """Set by SIGTERM/SIGINT. Inside a training loop the loop polls it and stops after a checkpoint;
+    elsewhere (loading, evaluating) the signal interrupts at once. A second signal always interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_training_loop = False
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        if self.requested or not self.in_training_loop:
+            raise StageInterrupted(f"interrupted by {signal.Signals(signum).name}; nothing was published")
+        self.requested = True
+
+
+@contextmanager
+def interruptible() -> Iterator[InterruptFlag]:
+    flag = InterruptFlag()
+    previous = {sig: signal.signal(sig, flag.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def trainer_stop_callback(flag: InterruptFlag) -> Any:
+    """A TrainerCallback that turns a pending interrupt into 'save a checkpoint now, then stop'."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if flag.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopOnSignal()
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """Newest `checkpoint-N` that finished writing (trainer_state.json is written last), or None."""
+    if not checkpoints.is_dir():
+        return None
+    candidates = []
+    for path in checkpoints.glob("checkpoint-*"):
+        step = path.name.rpartition("-")[2]
+        if step.isdigit() and (path / "trainer_state.json").exists():
+            candidates.append((int(step), path))
+    return max(candidates)[1] if candidates else None
+
+
+# ---- self-launch ---------------------------------------------------------------------------------------------
+
+
+def should_self_launch(num_processes: int) -> bool:
+    """True when a recipe asks for several processes and we are not already one of them."""
+    return num_processes > 1 and "WORLD_SIZE" not in os.environ and "ALIGN_LAUNCHED" not in os.environ
+
+
+def accelerate_command(argv: list[str], num_processes: int, config_file: Path | None, on_gpu: bool) -> list[str]:
+    """`accelerate launch ... -m align <argv>`. On CPU, `--cpu --num_processes N` silently runs one process,
+    so CPU runs ask for the multi-GPU launcher, which falls back to gloo ranks."""
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    cmd = [launcher, "launch", "--num_processes", str(num_processes), "--num_machines", "1"]
+    if config_file is not None:
+        if not config_file.is_file():
+            raise RecipeError(f"launch.accelerate_config: {config_file} does not exist")
+        cmd += ["--config_file", str(config_file)]
+    elif not on_gpu:
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        cmd += ["--multi_gpu", "--dynamo_backend", "no"]
+    return [*cmd, "-m", "align", *argv]
+
+
+def self_launch(argv: list[str], num_processes: int, config_file: Path | None, on_gpu: bool) -> int:
+    cmd = accelerate_command(argv, num_processes, config_file, on_gpu)
+    env = {**os.environ, "ALIGN_LAUNCHED": "1"}
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,1 @@
+"""One module per stage; each exposes `run(recipe, registry, ...)` and meets the others only through the registry."""

@@ -1,0 +1,103 @@
+"""`align sft`: LoRA instruction tuning with TRL's SFTTrainer, loss on the assistant reply only.
+
+Steps, top to bottom: data card -> rows; base (or parent artifact, merged in memory) -> model; fresh LoRA;
+eval loss and sample replies before training; train with checkpoints; the same after; publish the adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from align import generation, models, runtime, training
+from align.artifacts import Artifact, Registry
+from align.data import load_card, load_data
+from align.recipe import Recipe, detect_device, resolve_device_defaults
+
+
+def _as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
+    from datasets import Dataset
+
+    if chat_template == "none":
+        rows = [generation.to_plain_text_row(row) for row in rows]
+    return Dataset.from_list(rows)
+
+
+def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
+    """Train and publish one SFT adapter. Returns the artifact on the main process, None on other ranks."""
+    from trl import SFTConfig, SFTTrainer
+
+    device = detect_device()
+    recipe = resolve_device_defaults(recipe, device)
+    data = load_data(load_card(recipe.relative_path(recipe.data.card)),
+                     limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
+    start = models.resolve_starting_point(recipe, registry)
+    run_state = training.open_run(recipe, registry, start, data.summary(), device, resume)
+    for note in run_state.notes:
+        say(note)
+
+    chat_template = recipe.model.chat_template
+    tokenizer = models.load_tokenizer(start.base, chat_template, saved_in=start.parent.path if start.parent else None)
+    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision))
+
+    config = SFTConfig(
+        **training.trainer_args(run_state),
+        max_length=recipe.train.max_length,
+        packing=recipe.train.packing,
+        completion_only_loss=recipe.sft.completion_only_loss,
+    )
+    runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=_as_dataset(data.train, chat_template),
+        eval_dataset=_as_dataset(data.eval, chat_template),
+        processing_class=tokenizer,
+        peft_config=models.lora_config(recipe.lora, "CAUSAL_LM"),
+    )
+
+    sample_prompts = [row["prompt"] for row in data.eval[: recipe.sft.num_samples]]
+
+    def samples() -> list[str]:
+        if not sample_prompts or not runtime.is_main_process():
+            return []
+        return generation.generate(trainer.accelerator.unwrap_model(trainer.model), tokenizer, sample_prompts,
+                                   chat_template=chat_template, max_new_tokens=recipe.sft.max_new_tokens,
+                                   seed=recipe.train.seed)
+
+    # A fresh LoRA adapter starts as the identity, so "before" is the starting model itself.
+    before = trainer.evaluate(metric_key_prefix="eval")
+    replies_before = samples()
+    train_metrics = training.train(trainer, run_state)
+    after = trainer.evaluate(metric_key_prefix="eval")
+    replies_after = samples()
+
+    metrics = {
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss": after.get("eval_loss"),
+        "perplexity_before": training.perplexity(before.get("eval_loss")),
+        "perplexity": training.perplexity(after.get("eval_loss")),
+        "train_loss": train_metrics.get("train_loss"),
+        "train_runtime_s": train_metrics.get("train_runtime"),
+        "train_samples_per_second": train_metrics.get("train_samples_per_second"),
+        "global_step": trainer.state.global_step,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+    }
+
+    adapter_dir = training.save_adapter(trainer, run_state)
+
+    def write_files(staging: Path) -> None:
+        shutil.copytree(adapter_dir, staging / "adapter")
+        tokenizer.save_pretrained(str(staging))
+        training.write_json(staging / "samples.json", [
+            {"prompt": prompt, "before": b, "after": a}
+            for prompt, b, a in zip(sample_prompts, replies_before, replies_after, strict=True)
+        ])
+        training.write_json(staging / "log_history.json", trainer.state.log_history)
+
+    lora = recipe.lora
+    adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
+               "target_modules": lora.target_modules, "chat_template": chat_template}
+    return training.publish(run_state, write_files=write_files, metrics=metrics, adapter=adapter)

@@ -1,0 +1,185 @@
+"""The harness every trainer-based stage shares: run directory and resume, TRL config fields, manifest, publish.
+
+A stage module (`align/stages/*.py`) reads top to bottom as: load data -> load model -> build its TRL
+trainer with `trainer_args(...)` -> `train(...)` -> `publish(...)`. Only rank 0 publishes; every rank
+agrees on the run directory because it is keyed by the content of the run, not by a clock or a pid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align import runtime
+from align.artifacts import REQUIRED_MANIFEST_KEYS, Artifact, Registry, git_state, package_versions, parent_entry
+from align.errors import StageInterrupted
+from align.hashing import sha256_json
+from align.models import StartingPoint
+from align.recipe import Recipe
+
+
+@dataclass
+class StageRun:
+    """One execution of a stage recipe: where it checkpoints, whether it resumes, what it started from."""
+
+    recipe: Recipe
+    registry: Registry
+    start: StartingPoint
+    data_summary: dict[str, Any]
+    device: dict[str, Any]
+    run_dir: Path
+    resume_from: Path | None
+    started: float = field(default_factory=time.time)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summary: dict[str, Any],
+             device: dict[str, Any], resume: bool) -> StageRun:
+    """Find (with --resume) or reset the run directory for this exact recipe, starting point and data."""
+    key = sha256_json({
+        "recipe": recipe.to_dict(),
+        "start": start.manifest_entries()["adapter_chain"],
+        "base": start.base.location,
+        "data": [f["sha256"] for f in data_summary.get("files", [])],
+    })[:16]
+    run_dir = registry.run_dir(recipe.name, key)
+    run = StageRun(recipe, registry, start, data_summary, device, run_dir, None)
+    if resume:
+        run.resume_from = runtime.last_complete_checkpoint(run.checkpoints)
+        if run.resume_from is None:
+            run.notes.append("--resume: no interrupted run of this recipe was found; starting from the beginning")
+    elif runtime.last_complete_checkpoint(run.checkpoints) is not None:
+        run.notes.append("discarded the checkpoints of an earlier interrupted run (pass --resume to continue one)")
+        if runtime.is_main_process():
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
+    return run
+
+
+def trainer_args(run: StageRun) -> dict[str, Any]:
+    """TrainingArguments fields common to every TRL config, from the recipe's (device-resolved) train section."""
+    train = run.recipe.train
+    on_cpu = run.device["type"] == "cpu"
+    return {
+        "output_dir": str(run.checkpoints),
+        "learning_rate": train.learning_rate,
+        "num_train_epochs": train.num_train_epochs,
+        "max_steps": train.max_steps,
+        "per_device_train_batch_size": train.per_device_train_batch_size,
+        "per_device_eval_batch_size": train.per_device_eval_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "warmup_steps": train.warmup_steps,
+        "lr_scheduler_type": train.lr_scheduler_type,
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "seed": train.seed,
+        "data_seed": train.seed,
+        "bf16": train.precision == "bf16",
+        "fp16": train.precision == "fp16",
+        "use_cpu": on_cpu,
+        "activation_checkpointing": train.activation_checkpointing,
+        "optim": train.optim,
+        "logging_steps": train.logging_steps,
+        "eval_strategy": "steps" if train.eval_steps else "no",
+        "eval_steps": train.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": train.save_total_limit,
+        "report_to": train.report_to,
+        "dataloader_num_workers": train.dataloader_num_workers,
+        "disable_tqdm": not runtime.is_main_process(),
+    }
+
+
+def train(trainer: Any, run: StageRun) -> dict[str, Any]:
+    """trainer.train() that resumes from the run's checkpoint and turns SIGTERM into checkpoint-then-stop."""
+    with runtime.interruptible() as flag:
+        trainer.add_callback(runtime.trainer_stop_callback(flag))
+        flag.in_training_loop = True
+        output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        flag.in_training_loop = False
+        if flag.requested:
+            raise StageInterrupted(
+                f"interrupted at step {trainer.state.global_step}; a checkpoint is in {run.checkpoints}. "
+                "Nothing was published: run the same command with --resume to continue."
+            )
+    return dict(output.metrics)
+
+
+def save_adapter(trainer: Any, run: StageRun) -> Path:
+    """Save the trained adapter into the run directory. Called on every rank: FSDP and ZeRO-3 gather the
+    sharded weights collectively, and the trainer writes files on the main process only."""
+    final = run.run_dir / "final"
+    trainer.save_model(str(final))
+    runtime.wait_for_everyone()
+    if runtime.is_main_process():
+        # The tokenizer lives once at the artifact root; the pickled TrainingArguments is not safe to load.
+        for path in final.iterdir():
+            if path.name.startswith("tokenizer") or path.name in ("training_args.bin", "chat_template.jinja",
+                                                                  "special_tokens_map.json"):
+                path.unlink()
+    return final
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], adapter: dict[str, Any],
+            extra_parents: list[tuple[Artifact, str]] = ()) -> Artifact | None:
+    """Rank 0 writes the artifact through `write_files(staging_dir)` and publishes it; every rank gets its ref.
+
+    Returns the Artifact on rank 0 and None elsewhere, after all ranks have synchronised.
+    """
+    artifact = None
+    if runtime.is_main_process():
+        recipe = run.recipe
+        parents = [parent_entry(run.start.parent, "model")] if run.start.parent else []
+        parents += [parent_entry(artifact_, role) for artifact_, role in extra_parents]
+        manifest = {
+            "stage": recipe.stage,
+            **run.start.manifest_entries(),
+            "parents": parents,
+            "data": [run.data_summary],
+            "recipe": recipe.to_dict(),
+            "recipe_path": str(recipe.path),
+            "recipe_overrides": list(recipe.overrides),
+            "recipe_sha256": recipe.sha256(),
+            "seed": recipe.train.seed,
+            "metrics": metrics,
+            "adapter": adapter,
+            "device": run.device,
+            "world_size": runtime.world()[1],
+            "resumed_from": run.resume_from.name if run.resume_from else None,
+            "packages": package_versions(),
+            "python": platform.python_version(),
+            "git": git_state(Path.cwd()),
+            "duration_s": round(time.time() - run.started, 2),
+        }
+        missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+        assert not missing, f"manifest lacks {missing}"
+        with run.registry.staging(recipe.name) as staging:
+            write_files(staging)
+            write_json(staging / "metrics.json", metrics)
+            (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+            artifact = run.registry.publish(staging, recipe.name, manifest)
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+    runtime.wait_for_everyone()
+    return artifact
