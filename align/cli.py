@@ -40,7 +40,7 @@ RegistryOpt = Annotated[
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def _registry(option: Path | None, recipe_root: str | None = None) -> Any:

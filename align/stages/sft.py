@@ -26,13 +26,14 @@ def _as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one SFT adapter. Returns the artifact on the main process, None on other ranks."""
-    from trl import SFTConfig, SFTTrainer
-
-    device = detect_device()
-    recipe = resolve_device_defaults(recipe, device)
+    # User errors in data and references surface before the slow imports.
     data = load_data(load_card(recipe.relative_path(recipe.data.card)),
                      limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
     start = models.resolve_starting_point(recipe, registry)
+    device = detect_device()
+    recipe = resolve_device_defaults(recipe, device)
+    from trl import SFTConfig, SFTTrainer
+
     run_state = training.open_run(recipe, registry, start, data.summary(), device, resume)
     for note in run_state.notes:
         say(note)

@@ -1,0 +1,34 @@
+"""Data cards, dataset readers and row converters: everything between a file on disk and canonical rows."""
+
+from align.data.cards import (
+    DataCard,
+    EvalSplit,
+    LoadedData,
+    RejectedRow,
+    Source,
+    describe_row,
+    load_card,
+    load_data,
+    split_eval,
+    token_length_percentiles,
+)
+from align.data.formats import FORMATS, Format, Message, RowError, convert_row, get_format
+
+__all__ = [
+    "FORMATS",
+    "DataCard",
+    "EvalSplit",
+    "Format",
+    "LoadedData",
+    "Message",
+    "RejectedRow",
+    "RowError",
+    "Source",
+    "convert_row",
+    "describe_row",
+    "get_format",
+    "load_card",
+    "load_data",
+    "split_eval",
+    "token_length_percentiles",
+]

@@ -1,0 +1,451 @@
+"""Data cards: a YAML description of a dataset (source, format, license, eval split) and its loader.
+
+Loading reads local files with our own readers so every rejected row keeps its file and line,
+converts each row through the card's format, verifies file hashes and carves out a deterministic eval split.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from align.data.formats import FORMATS, RowError, convert_row, did_you_mean, get_format
+from align.errors import DataError
+from align.hashing import canonical_json, sha256_file
+from align.yamlio import KeyPath, describe_validation_error, load_yaml
+
+MAX_REPORTED = 5
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class Source(BaseModel):
+    """Where the rows come from: local file(s) relative to the card, or a hub dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | list[str] | None = Field(None, description="File(s) relative to the card; globs allowed.")
+    hub: str | None = Field(None, description="Hub dataset id, e.g. org/dataset.")
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Hub split to read.")
+    eval_path: str | list[str] | None = Field(None, description="Explicit eval file(s); otherwise eval is carved out.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Source:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("set exactly one of 'path' or 'hub'")
+        if self.path is not None and (self.revision or self.config or "split" in self.model_fields_set):
+            raise ValueError("'revision', 'config' and 'split' only apply to a 'hub' source")
+        return self
+
+
+class EvalSplit(BaseModel):
+    """How many rows are held out for evaluation when the source has no explicit eval file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out: round(fraction * n), at least 1.")
+    size: int | None = Field(None, ge=0, description="Exact number of held-out rows (instead of fraction).")
+    seed: int = Field(0, description="Changes which rows are held out.")
+
+    @model_validator(mode="after")
+    def _fraction_or_size(self) -> EvalSplit:
+        if self.size is not None and "fraction" in self.model_fields_set:
+            raise ValueError("set either 'fraction' or 'size', not both")
+        return self
+
+
+class DataCard(BaseModel):
+    """A validated data card; `path` and `directory` say where it was read from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    license: str
+    source: Source
+    format: str
+    fields: dict[str, str] = Field(default_factory=dict, description="Canonical field -> column name in the file.")
+    eval: EvalSplit = Field(default_factory=EvalSplit)
+    sha256: dict[str, str] = Field(default_factory=dict, description="Relative file path -> expected sha256.")
+    on_malformed: Literal["error", "skip"] = "error"
+
+    _path: Path = PrivateAttr(default=Path("<memory>"))
+    _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format '{value}'{did_you_mean(value, list(FORMATS))}")
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        fmt = FORMATS.get(info.data.get("format", ""))
+        if fmt is not None:
+            for key in value:
+                if key not in fmt.fields:
+                    raise ValueError(f"format '{fmt.name}' has no field '{key}'{did_you_mean(key, list(fmt.fields))}")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, digest in value.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"'{key}': expected 64 lowercase hex digits, got {digest!r}")
+        return value
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def directory(self) -> Path:
+        return self._path.parent
+
+    def where(self, *key: str | int) -> str:
+        """`card.yaml:LINE` for a key path, so file errors point back at the card line that named the file."""
+        line = self._lines.get(tuple(key))
+        return f"{self._path}:{line}" if line else str(self._path)
+
+
+def load_card(path: str | Path) -> DataCard:
+    """Read and validate a data card; every problem is a DataError naming the card file and line."""
+    path = Path(path)
+    data, lines = load_yaml(path, DataError)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a data card must be a mapping of keys, got {type(data).__name__}")
+    try:
+        card = DataCard.model_validate(data)
+    except ValidationError as exc:
+        raise DataError(describe_validation_error(path, exc, lines, DataCard)) from None
+    card._path = path
+    card._lines = lines
+    return card
+
+
+@dataclass
+class RejectedRow:
+    """A row that was not used, with where it is (`file:LINE`, `file item N`, `org/ds[split] row N`) and why."""
+
+    location: str
+    reason: str
+
+
+@dataclass
+class LoadedData:
+    """Canonical train/eval rows of one card, plus what was rejected and which files (with hashes) were read."""
+
+    card: DataCard
+    train: list[dict]
+    eval: list[dict]
+    rejected: list[RejectedRow] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Counts and file hashes for manifests and `align data validate`."""
+        return {
+            "name": self.card.name,
+            "card": str(self.card.path),
+            "card_sha256": sha256_file(self.card.path),
+            "format": self.card.format,
+            "rows": {"train": len(self.train), "eval": len(self.eval)},
+            "rejected": len(self.rejected),
+            "files": self.files,
+        }
+
+
+# ---------------------------------------------------------------- file readers
+# Each reader yields (location, row) or (location, RowError) so unreadable rows keep their place.
+
+RawRows = Iterator[tuple[str, Any]]
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _read_jsonl(path: Path) -> RawRows:
+    with _open_binary(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            location = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield location, RowError(f"not valid UTF-8: {exc.reason}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield location, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield location, RowError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+
+
+def _read_json(path: Path) -> RawRows:
+    with _open_binary(path) as handle:
+        try:
+            data = json.loads(handle.read().decode("utf-8-sig"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not valid UTF-8: {exc.reason}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
+    for index, item in enumerate(data):
+        yield f"{path} item {index}", item
+
+
+def _read_csv(path: Path) -> RawRows:
+    with _open_binary(path) as binary, io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            reader.fieldnames  # noqa: B018 -- reads the header so line numbers below start after it
+            start = reader.line_num + 1
+            for row in reader:
+                location = f"{path}:{start}"
+                start = reader.line_num + 1
+                if None in row:
+                    yield location, RowError(f"{len(row[None])} more value(s) than the header has columns")
+                else:
+                    yield location, row
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}:{reader.line_num}: cannot parse CSV: {exc}") from None
+
+
+def _read_parquet(path: Path) -> RawRows:
+    import pyarrow.parquet as pq  # imported here: only parquet cards pay for it
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise DataError(f"{path}: cannot read parquet: {exc}") from None
+    for index, row in enumerate(rows):
+        yield f"{path} row {index}", row
+
+
+_READERS: dict[str, Callable[[Path], RawRows]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def _reader_for(path: Path, where: str) -> Callable[[Path], RawRows]:
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    reader = _READERS.get(suffixes[0] if suffixes else "")
+    if reader is None:
+        raise DataError(f"{where}: {path}: unsupported file type; use one of {', '.join(_READERS)} (optionally .gz)")
+    return reader
+
+
+def _resolve(card: DataCard, spec: str | list[str], key: str) -> list[Path]:
+    """Card-relative paths and globs -> existing files, in a stable order; nothing found is a DataError."""
+    where = card.where("source", key)
+    files: list[Path] = []
+    for pattern in [spec] if isinstance(spec, str) else spec:
+        target = card.directory / pattern
+        if _GLOB_CHARS.search(pattern):
+            matches = sorted(Path(p) for p in glob.glob(str(target), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"{where}: source.{key}: {target}: no files match this pattern")
+            files += matches
+        elif not target.is_file():
+            raise DataError(f"{where}: source.{key}: {target}: file not found")
+        else:
+            files.append(target)
+    return files
+
+
+def _verify_hashes(card: DataCard, files: list[Path]) -> list[dict]:
+    """sha256 of every file read; digests listed in the card must match."""
+    digests = {path.resolve(): sha256_file(path) for path in files}
+    for relative, expected in card.sha256.items():
+        target = (card.directory / relative).resolve()
+        if target not in digests:
+            raise DataError(
+                f"{card.where('sha256', relative)}: sha256 lists '{relative}', which this card's source does not read"
+            )
+        if digests[target] != expected:
+            raise DataError(
+                f"{card.directory / relative}: sha256 mismatch: card {card.path} expects {expected}, "
+                f"file has {digests[target]} (the file changed; update the card if the change is intended)"
+            )
+    return [{"path": str(path), "sha256": digests[path.resolve()]} for path in files]
+
+
+def _read_hub(card: DataCard) -> tuple[RawRows, dict]:
+    source = card.source
+    label = f"{source.hub}[{source.split}]"
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(source.hub, name=source.config, revision=source.revision, split=source.split)
+    except Exception as exc:  # datasets raises many types; all mean "could not get the rows"
+        text = f"{type(exc).__name__}: {exc}"
+        offline = isinstance(exc, (ConnectionError, TimeoutError, OSError)) or re.search(
+            r"offline|connect|resolve|reach|network|timed? ?out", text, re.IGNORECASE
+        )
+        problem = (
+            "could not be reached (the hub is offline or unreachable from here)" if offline else "could not be loaded"
+        )
+        raise DataError(
+            f"{card.where('source', 'hub')}: hub dataset '{source.hub}' {problem}: {text.splitlines()[0]}. "
+            "Download it once and point source.path at the local file(s) instead."
+        ) from None
+    info = {
+        "path": f"hub:{source.hub}",
+        "sha256": None,
+        "revision": source.revision,
+        "split": source.split,
+        "fingerprint": getattr(dataset, "_fingerprint", None),
+    }
+    return ((f"{label} row {index}", row) for index, row in enumerate(dataset)), info
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _convert_all(card: DataCard, raw: Iterable[tuple[str, Any]]) -> tuple[list[dict], list[RejectedRow]]:
+    fmt = get_format(card.format)
+    rows: list[dict] = []
+    rejected: list[RejectedRow] = []
+    for location, item in raw:
+        try:
+            if isinstance(item, RowError):
+                raise item
+            rows.append(convert_row(fmt, item, card.fields))
+        except RowError as exc:
+            rejected.append(RejectedRow(location, str(exc)))
+    return rows, rejected
+
+
+def _read_files(card: DataCard, files: list[Path]) -> Iterator[tuple[str, Any]]:
+    for path in files:
+        yield from _reader_for(path, card.where("source"))(path)
+
+
+def _eval_count(card: DataCard, n: int) -> int:
+    """How many rows to hold out: exactly `size`, or round(fraction * n) with at least one when n >= 2."""
+    if card.eval.size is not None:
+        if card.eval.size >= n:
+            raise DataError(
+                f"{card.where('eval', 'size')}: eval.size {card.eval.size} leaves no training rows ({n} usable rows)"
+            )
+        return card.eval.size
+    if card.eval.fraction == 0 or n < 2:
+        return 0
+    return min(max(1, round(card.eval.fraction * n)), n - 1)
+
+
+def split_eval(rows: list[dict], count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `count` rows ranked by a hash of (seed, row content): the same rows whatever the file order."""
+
+    def rank(index: int) -> tuple[str, int]:
+        digest = hashlib.sha256(f"{seed}:{canonical_json(rows[index])}".encode()).hexdigest()
+        return digest, index
+
+    held = sorted(range(len(rows)), key=rank)[:count]
+    held_set = set(held)
+    return [row for i, row in enumerate(rows) if i not in held_set], [rows[i] for i in held]
+
+
+def load_data(
+    card: DataCard, *, limit: int | None = None, eval_limit: int | None = None, strict: bool | None = None
+) -> LoadedData:
+    """Read, convert, verify and split a card's rows. `strict` overrides the card's `on_malformed`."""
+    strict = card.on_malformed == "error" if strict is None else strict
+    source = card.source
+    if source.hub is not None:
+        raw, info = _read_hub(card)
+        train_files: list[Path] = []
+        hub_files = [info]
+    else:
+        train_files = _resolve(card, source.path, "path")  # type: ignore[arg-type]
+        raw, hub_files = _read_files(card, train_files), []
+    eval_files = _resolve(card, source.eval_path, "eval_path") if source.eval_path is not None else []
+    files = hub_files + _verify_hashes(card, train_files + eval_files)
+
+    rows, rejected = _convert_all(card, raw)
+    eval_rows, eval_rejected = _convert_all(card, _read_files(card, eval_files))
+    rejected += eval_rejected
+    if rejected and strict:
+        shown = "\n".join(f"  {r.location}: {r.reason}" for r in rejected[:MAX_REPORTED])
+        more = f"\n  ... and {len(rejected) - MAX_REPORTED} more" if len(rejected) > MAX_REPORTED else ""
+        raise DataError(
+            f"{card.path}: {len(rejected)} malformed row(s) in '{card.format}' format:\n{shown}{more}\n"
+            "Fix them, or set `on_malformed: skip` in the card to drop them."
+        )
+    if not rows:
+        note = f" ({len(rejected)} rejected, first: {rejected[0].location}: {rejected[0].reason})" if rejected else ""
+        what = ", ".join(str(p) for p in train_files) or f"hub dataset {source.hub}"
+        raise DataError(f"{card.path}: no usable rows in {what}{note}")
+    if eval_files and not eval_rows:
+        raise DataError(f"{card.where('source', 'eval_path')}: no usable rows in {', '.join(map(str, eval_files))}")
+
+    if not eval_files:
+        rows, eval_rows = split_eval(rows, _eval_count(card, len(rows)), card.eval.seed)
+    train = rows[:limit] if limit is not None else rows
+    held_out = eval_rows[:eval_limit] if eval_limit is not None else eval_rows
+    return LoadedData(card=card, train=train, eval=held_out, rejected=rejected, files=files)
+
+
+# ---------------------------------------------------------------- reporting helpers
+
+
+def token_length_percentiles(
+    rows: Iterable[dict], count_tokens: Callable[[dict], int], percentiles: Iterable[int] = (50, 90, 99)
+) -> dict:
+    """Nearest-rank token-length percentiles plus max, mean and count; the tokenizer comes in as a callable."""
+    lengths = sorted(count_tokens(row) for row in rows)
+    n = len(lengths)
+    out: dict[str, float | int] = {}
+    for p in percentiles:
+        out[f"p{p}"] = lengths[min(n - 1, max(0, -(-p * n // 100) - 1))] if n else 0
+    out["max"] = lengths[-1] if n else 0
+    out["mean"] = round(sum(lengths) / n, 1) if n else 0.0
+    out["count"] = n
+    return out
+
+
+def _render(messages: list[Mapping[str, str]], max_chars: int) -> list[str]:
+    lines = []
+    for message in messages:
+        text = message["content"].replace("\n", "\\n")
+        if len(text) > max_chars:
+            text = text[: max_chars - 1] + "…"
+        lines.append(f"  [{message['role']}] {text}")
+    return lines
+
+
+def describe_row(row: Mapping[str, Any], max_chars: int = 200) -> str:
+    """A compact multi-line rendering of a canonical row (prompt, then completion or chosen/rejected)."""
+    lines = ["prompt:", *_render(row.get("prompt", []), max_chars)]
+    for part in ("completion", "chosen", "rejected"):
+        if part in row:
+            lines += [f"{part}:", *_render(row[part], max_chars)]
+    return "\n".join(lines)

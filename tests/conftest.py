@@ -1,0 +1,61 @@
+"""Shared pytest fixtures: ../shared material, the CLI as a real subprocess, and one session-wide SFT registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY_SFT = REPO / "recipes" / "tiny" / "sft.yaml"
+
+
+def _require_shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not present: {SHARED} holds the third-party test data and tiny models")
+    return SHARED
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """The project's shared material at ../shared (models, third-party demo data); skips when absent."""
+    return _require_shared()
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """The real pretrained 0.29M-parameter stories260K Llama."""
+    return _require_shared() / "models" / "stories260K"
+
+
+def align_env(cache: Path) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGN_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ALIGN_REGISTRY", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_align(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess]:
+    """Run `python -m align ARGS...` as users do, offline; returns the completed process (text output)."""
+    env = align_env(tmp_path_factory.mktemp("cache"))
+
+    def run(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "align", *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def sft_registry(tmp_path_factory: pytest.TempPathFactory, run_align: Callable, stories_dir: Path) -> Path:
+    """A registry where the tiny SFT recipe ran twice (v1, v2): shared by every test that reads SFT artifacts."""
+    root = tmp_path_factory.mktemp("registry")
+    for _ in range(2):
+        result = run_align("sft", TINY_SFT, "--registry", root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
