@@ -65,6 +65,9 @@ ERROR_CASES = {
     "empty dataset": (dict(rows=[]), r"no usable rows"),
     "unknown artifact": (dict(model="from: nothing-here@v1"), r"nothing-here"),
     "missing base dir": (dict(model="base: ./no/such/model"), r"model.base: .*does not exist"),
+    "hub model offline": (dict(model="base: align-tests/model-that-is-not-cached"),
+                          r"model.base: cannot load 'align-tests/model-that-is-not-cached' from the Hugging Face hub: "
+                          r"the hub is unreachable offline"),
 }
 
 
@@ -79,6 +82,15 @@ def test_user_errors_exit_2_with_one_message(case: str, tmp_path: Path, run_alig
     assert result.stderr.startswith("error: ")
     assert pytest.importorskip("re").search(pattern, result.stderr), result.stderr
     assert not list(registry.glob("*/v*")), "a failed run must not publish anything"
+
+
+def test_hub_dataset_offline_is_reported_plainly(tmp_path: Path, run_align: Callable) -> None:
+    card = tmp_path / "hub.yaml"
+    card.write_text("name: hub\ndescription: d\nlicense: MIT\nsource:\n  hub: align-tests/dataset-not-cached\n"
+                    "format: messages\n")
+    result = run_align("data", "validate", card)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "align-tests/dataset-not-cached" in result.stderr and "offline" in result.stderr, result.stderr
 
 
 def test_recipe_show_applies_overrides(run_align: Callable) -> None:

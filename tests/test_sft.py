@@ -86,7 +86,7 @@ def test_recipe_from_an_artifact_continues_it(sft_registry: Path, run_align: Cal
 def test_sigterm_publishes_nothing_and_resume_completes(tmp_path: Path, stories_dir: Path) -> None:
     registry = tmp_path / "registry"
     args = [sys.executable, "-m", "align", "sft", str(TINY_SFT), "--registry", str(registry),
-            "--set", "train.max_steps=400", "--set", "train.save_steps=5", "--set", "sft.num_samples=0"]
+            "--set", "train.max_steps=150", "--set", "train.save_steps=5", "--set", "sft.num_samples=0"]
     process = subprocess.Popen(args, cwd=REPO, env=align_env(tmp_path / "cache"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -105,7 +105,7 @@ def test_sigterm_publishes_nothing_and_resume_completes(tmp_path: Path, stories_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     m = manifest(registry, "tiny-sft", 1)
     assert m["resumed_from"].startswith("checkpoint-") and int(m["resumed_from"].split("-")[1]) >= 5
-    assert m["metrics"]["global_step"] == 400
+    assert m["metrics"]["global_step"] == 150
     assert not list(registry.glob("tiny-sft/.runs/*")), "the run directory is cleaned after publishing"
 
 
