@@ -30,10 +30,12 @@ app.add_typer(data_app, name="data")
 app.add_typer(artifacts_app, name="artifacts")
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: KEY.PATH=VALUE (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe field: KEY.PATH=VALUE (repeatable).")
+]
 RegistryOpt = Annotated[
     Path | None,
-    typer.Option("--registry", help="Artifact registry root [default: recipe output.root, $ALIGN_REGISTRY, artifacts]."),
+    typer.Option("--registry", help="Registry root [default: $ALIGN_REGISTRY, recipe output.root, artifacts]."),
 ]
 
 
@@ -70,27 +72,103 @@ def _summary_table(artifact: Any) -> Any:
 # ---- stages ------------------------------------------------------------------------------------------------
 
 
-@app.command()
-def sft(
-    recipe_path: RecipeArg,
-    overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this recipe.")] = False,
-    registry: RegistryOpt = None,
-) -> None:
-    """Supervised fine-tuning with LoRA: a data card of conversations -> a versioned adapter."""
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this recipe.")]
+
+
+def _run_stage(stage: str, recipe_path: Path, overrides: list[str] | None, resume: bool, registry: Path | None) -> None:
+    """Load the recipe, re-launch under Accelerate if asked, run the stage, print its summary."""
+    import importlib
+
     from align.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides or [], stage="sft")
+    recipe = load_recipe(recipe_path, overrides or [], stage=stage)
     if _self_launched(recipe):
         return
-    from align.stages import sft as stage
-
+    module = importlib.import_module(f"align.stages.{stage}")
     console = _console(stderr=True)
-    artifact = stage.run(recipe, _registry(registry, recipe.output.root), resume=resume,
-                         say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+    artifact = module.run(recipe, _registry(registry, recipe.output.root), resume=resume,
+                          say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
     if artifact is not None:
         _console().print(_summary_table(artifact))
         _console().print(f"published {artifact.ref} -> {artifact.path}")
+
+
+@app.command()
+def sft(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+        registry: RegistryOpt = None) -> None:
+    """Supervised fine-tuning with LoRA: a data card of conversations -> a versioned adapter."""
+    _run_stage("sft", recipe_path, overrides, resume, registry)
+
+
+@app.command()
+def reward(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+           registry: RegistryOpt = None) -> None:
+    """Reward model with LoRA + score head on preference pairs -> a versioned reward adapter."""
+    _run_stage("reward", recipe_path, overrides, resume, registry)
+
+
+@app.command()
+def score(
+    ref: Annotated[str, typer.Argument(help="Reward artifact: NAME@vN, NAME@latest, NAME or a path.",
+                                       show_default=False)],
+    data: Annotated[Path | None, typer.Option(help="Score the rows of this data card.")] = None,
+    split: Annotated[str, typer.Option(help="train or eval (with --data).")] = "eval",
+    prompt: Annotated[str | None, typer.Option(help="A user prompt (with --response).")] = None,
+    response: Annotated[list[str] | None, typer.Option(help="A reply to score (repeatable).")] = None,
+    output: Annotated[str, typer.Option("--output", help="table or jsonl.")] = "table",
+    limit: Annotated[int | None, typer.Option(help="Score at most this many rows.")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Score replies with a reward artifact: the rows of a data card, or --prompt with --response(s)."""
+    import json
+
+    from align.data import load_card, load_data
+
+    if output not in ("table", "jsonl"):
+        raise AlignError(f"--output must be table or jsonl, not {output!r}")
+    if (data is None) == (prompt is None) or (prompt is not None and not response):
+        raise AlignError("give either --data CARD, or --prompt P with one or more --response R")
+    if split not in ("train", "eval"):
+        raise AlignError(f"--split must be train or eval, not {split!r}")
+    reg = _registry(registry)
+    artifact = reg.resolve(ref)
+    if artifact.manifest.get("stage") != "reward":
+        raise AlignError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact; `align score` needs a "
+                         "reward artifact")
+    if data is not None:
+        rows = getattr(load_data(load_card(data)), split)[:limit]
+    else:
+        rows = [{"prompt": [{"role": "user", "content": prompt}],
+                 "completion": [{"role": "assistant", "content": reply}]} for reply in response or []]
+
+    from align import scoring
+    from align.models import load_reward_model
+
+    model, tokenizer = load_reward_model(artifact, reg)
+    chat_template = artifact.manifest["adapter"].get("chat_template", "auto")
+    columns = [key for key in ("chosen", "rejected", "completion") if rows and key in rows[0]]
+    scores = {key: scoring.score_replies(model, tokenizer, [(r["prompt"], r[key]) for r in rows],
+                                         chat_template=chat_template) for key in columns}
+    records = [{"index": i, **{key: scores[key][i] for key in columns}} for i in range(len(rows))]
+    if output == "jsonl":
+        for record in records:
+            typer.echo(json.dumps(record))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{artifact.ref} scores")
+    table.add_column("#", justify="right")
+    table.add_column("prompt")
+    for key in columns:
+        table.add_column(key, justify="right")
+    for row, record in zip(rows, records, strict=True):
+        text = row["prompt"][-1]["content"]
+        table.add_row(str(record["index"]), text[:60], *(f"{record[key]:+.4f}" for key in columns))
+    _console().print(table)
+    if "chosen" in columns:
+        metrics = scoring.pairwise_metrics(scores["chosen"], scores["rejected"])
+        _console().print(f"accuracy {metrics['accuracy']:.3f}, mean margin {metrics['margin_mean']:+.4f} "
+                         f"over {metrics['pairs']} pairs")
 
 
 def _self_launched(recipe: Any) -> bool:

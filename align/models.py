@@ -83,7 +83,7 @@ def _packaged_file(spec: str) -> Path:
     found = importlib.util.find_spec(module) if module else None
     if found is None or not found.submodule_search_locations:
         raise ModelError(f"model.base: {spec}: package '{module}' is not installed (for the demo: make setup)")
-    path = Path(list(found.submodule_search_locations)[0]) / relative
+    path = Path(next(iter(found.submodule_search_locations))) / relative
     if not path.is_file():
         raise ModelError(f"model.base: {spec}: {path} does not exist")
     return path
@@ -182,12 +182,17 @@ def load_tokenizer(base: BaseModelSpec, chat_template: str = "auto", saved_in: P
     return tokenizer
 
 
-def load_causal_lm(base: BaseModelSpec, dtype: Any = None) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
+def load_base_model(base: BaseModelSpec, dtype: Any = None, head: str = "causal_lm") -> PreTrainedModel:
+    """The base weights with a language-model head, or (head='score') a fresh scalar score head for rewards."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     location, kwargs = _load_location(base)
+    if head == "score":
+        auto, kwargs = AutoModelForSequenceClassification, {**kwargs, "num_labels": 1}
+    else:
+        auto = AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype or "auto", **kwargs)
+        return auto.from_pretrained(location, dtype=dtype or "auto", **kwargs)
     except Exception as exc:
         if base.kind == "hub":
             raise _hub_error(base, exc) from None
@@ -196,11 +201,14 @@ def load_causal_lm(base: BaseModelSpec, dtype: Any = None) -> PreTrainedModel:
 
 def merge_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
     """Fold a LoRA adapter into the weights in memory, so the next stage trains a fresh adapter on top."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     if not (adapter_dir / "adapter_config.json").exists():
         raise ArtifactError(f"{adapter_dir}: no adapter_config.json; the artifact is incomplete")
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    # Merging needs no task head; without this a CAUSAL_LM adapter refuses a model with a score head.
+    config.task_type = None
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
 
 
 def adapter_chain(artifact: Artifact) -> list[dict[str, Any]]:
@@ -239,11 +247,30 @@ def resolve_starting_point(recipe: Recipe, registry: Registry) -> StartingPoint:
     return StartingPoint(base, parent, adapter_chain(parent))
 
 
-def load_starting_model(start: StartingPoint, registry: Registry, dtype: Any = None) -> PreTrainedModel:
-    model = load_causal_lm(start.base, dtype)
+def load_starting_model(start: StartingPoint, registry: Registry, dtype: Any = None,
+                        head: str = "causal_lm") -> PreTrainedModel:
+    """The base with every adapter of the chain merged in. The chain's causal-LM adapters touch only the
+    transformer body, so they merge the same way under a score head."""
+    model = load_base_model(start.base, dtype, head)
     for entry in start.chain:
         model = merge_adapter(model, _chain_adapter_dir(entry, registry))
     return model
+
+
+def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None) -> tuple[Any, Any]:
+    """A reward artifact as a ready scorer: base + its SFT chain merged, then its SEQ_CLS adapter (with the
+    trained score head) on top. Returns (model in eval mode, tokenizer)."""
+    from peft import PeftModel
+
+    if artifact.manifest.get("stage") != "reward":
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact, not a reward model")
+    start = StartingPoint(BaseModelSpec.from_manifest(artifact.manifest["base_model"]), None,
+                          artifact.manifest.get("adapter_chain", []))
+    tokenizer = load_tokenizer(start.base, "auto", saved_in=artifact.path)
+    model = load_starting_model(start, registry, dtype, head="score")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(model, str(artifact.adapter_path))
+    return model.eval(), tokenizer
 
 
 def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM") -> LoraConfig:

@@ -19,6 +19,7 @@ from align.hashing import sha256_json
 from align.yamlio import describe_validation_error, load_yaml
 
 Stage = Literal["sft", "reward", "dpo", "ppo"]
+STAGE_SECTIONS = ("sft", "reward")
 
 
 class _Section(BaseModel):
@@ -94,6 +95,12 @@ class SftSection(_Section):
     max_new_tokens: int = Field(48, gt=0)
 
 
+class RewardSection(_Section):
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Pull mean rewards towards 0 (Eisenstein et al. 2023); TRL's name; 0.01 is typical"
+    )
+
+
 class LaunchSection(_Section):
     num_processes: int = Field(1, gt=0, description="Above 1: align re-launches itself with `accelerate launch`")
     accelerate_config: str | None = Field(None, description="Accelerate config file (recipes/accelerate/*.yaml)")
@@ -112,10 +119,18 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     sft: SftSection = Field(default_factory=SftSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     _path: Path = PrivateAttr(default=Path("recipe.yaml"))
+
+    @model_validator(mode="after")
+    def _sections_match_stage(self) -> Recipe:
+        for section in STAGE_SECTIONS:
+            if section in self.model_fields_set and section != self.stage:
+                raise ValueError(f"section '{section}' applies to `align {section}`, not to stage '{self.stage}'")
+        return self
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @property
@@ -175,10 +190,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     except ValidationError as exc:
         raise RecipeError(describe_validation_error(path, exc, lines, Recipe)) from None
     if stage is not None and recipe.stage != stage:
-        where = lines.get(("stage",), "")
-        raise RecipeError(
-            f"{path}:{where}: stage: this recipe is for `align {recipe.stage}`, not `align {stage}`".replace(":: ", ": ")
-        )
+        line = lines.get(("stage",))
+        where = f"{path}:{line}" if line else str(path)
+        raise RecipeError(f"{where}: stage: this recipe is for `align {recipe.stage}`, not `align {stage}`")
     recipe._path = path.resolve()
     recipe._overrides = tuple(overrides)
     return recipe

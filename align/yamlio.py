@@ -100,7 +100,8 @@ def describe_validation_error(
             text = "required key is missing"
         else:
             text = err["msg"]
-            if "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(err["input"], dict):
+            shows_input = err["type"] not in ("value_error", "assertion_error")
+            if "input" in err and shows_input and not isinstance(err["input"], dict):
                 text += f" (got {err['input']!r})"
         messages.append(f"{where}: {format_key_path(loc)}: {text}")
     extra = len(exc.errors()) - max_errors

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "demo" / "sft.jsonl"
+DEFAULT_PAIRS_OUT = Path(__file__).resolve().parent / "demo" / "tone-pairs.jsonl"
 SYSTEM = "You are a friendly assistant. Answer in one or two short, warm sentences."
 
 COLORS = ["red", "blue", "green", "yellow", "orange", "purple", "white", "black", "brown", "grey", "pink", "golden"]
@@ -352,14 +353,42 @@ def generate(seed: int = 0, system_every: int = 40) -> list[dict]:
     return rows
 
 
+# Curt, unfriendly replies: the "rejected" side of the tone pairs. Written for align.
+GRUMPY_OPENERS = ["Ugh.", "Whatever.", "No.", "Why ask me?", "I don't care.", "Boring.", "Go away.", "Fine, I guess."]
+GRUMPY_CLOSERS = [
+    "That is a dull, pointless question.",
+    "I hate talking about this.",
+    "Nobody cares about that.",
+    "Stop bothering me with silly things.",
+    "This is awful and a waste of time.",
+    "Leave me alone, please.",
+]
+
+
+def generate_pairs(seed: int = 0) -> list[dict]:
+    """Tone preference pairs over the demo prompts: the warm demo answer is chosen, a curt grumpy one rejected.
+    Explicit prompt/chosen/rejected rows (format chosen_rejected), for the tiny reward-model tests."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for row in generate(seed):
+        prompt, answer = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        rejected = f"{rng.choice(GRUMPY_OPENERS)} {rng.choice(GRUMPY_CLOSERS)}"
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output JSONL (default {DEFAULT_OUT})")
+    parser.add_argument("--kind", choices=("sft", "pairs"), default="sft", help="the SFT set or the tone pairs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output JSONL (default {DEFAULT_OUT} or {DEFAULT_PAIRS_OUT})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.out = args.out or (DEFAULT_OUT if args.kind == "sft" else DEFAULT_PAIRS_OUT)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = generate(args.seed) if args.kind == "sft" else generate_pairs(args.seed)
     with open(args.out, "w", encoding="utf-8", newline="\n") as handle:
-        for row in generate(args.seed):
+        for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
 

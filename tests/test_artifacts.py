@@ -102,7 +102,7 @@ def test_resolve_errors_are_helpful(reg: Registry, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="malformed"):
         reg.resolve("bad name!")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ArtifactError, match="has no manifest.json"):
+    with pytest.raises(ArtifactError, match=r"has no manifest\.json"):
         reg.resolve(str(tmp_path / "plain"))
     with pytest.raises(ArtifactError, match="does not exist"):
         reg.resolve(str(tmp_path / "nowhere"))
@@ -248,7 +248,7 @@ def test_parent_entry_records_hash(reg: Registry) -> None:
 
 
 def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="manifest.json: manifest not found"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json: manifest not found"):
         read_manifest(tmp_path / "manifest.json")
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match=r"manifest.json:1: invalid JSON"):

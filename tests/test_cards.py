@@ -285,6 +285,14 @@ def test_token_length_percentiles_and_describe_row() -> None:
         }
     )
     assert "[user] hi\\nthere" in text and "completion:" in text and len(text) < 300
+    pair = describe_row(
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        }
+    )
+    assert pair == "prompt:\n  [user] q\nCHOSEN:\n  [assistant] good\nREJECTED:\n  [assistant] bad"
 
 
 # ---------------------------------------------------------------- shared third-party data

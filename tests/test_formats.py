@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from align.data import FORMATS, RowError, convert_row, get_format
+from align.data import FORMATS, DroppedRow, RowError, convert_row, get_format
 from align.errors import DataError
 
 
@@ -153,3 +153,160 @@ def test_mapped_field_error_names_both_columns() -> None:
 def test_unknown_format_suggests() -> None:
     with pytest.raises(DataError, match="did you mean 'sharegpt'"):
         get_format("sharegtp")
+
+
+# ---------------------------------------------------------------- preference formats
+
+PAIR = {"prompt": [user("q")], "chosen": [assistant("good")], "rejected": [assistant("bad")]}
+
+
+def test_chosen_rejected_message_lists_system_and_multi_turn_prompt() -> None:
+    row = {"prompt": [user("q1"), assistant("a1"), user("q2")], "chosen": [assistant("good")], "rejected": "bad"}
+    assert convert("chosen_rejected", {**row, "system": "sys"}) == {
+        "prompt": [system("sys"), user("q1"), assistant("a1"), user("q2")],
+        "chosen": [assistant("good")],
+        "rejected": [assistant("bad")],
+    }
+    implicit = {
+        "chosen": [system("s"), user("q1"), assistant("a1"), user("q2"), assistant("good")],
+        "rejected": [system("s"), user("q1"), assistant("a1"), user("q2"), assistant("bad")],
+    }
+    assert convert("chosen_rejected", implicit)["prompt"] == implicit["chosen"][:-1]
+
+
+HH_CHOSEN = "\n\nHuman: Hi there\n\nAssistant:  Hello! \n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken...\n"
+HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant:  Hello! \n\nHuman: Tell me a joke\n\nAssistant: No."
+
+
+def test_hh_rlhf_multi_turn_split() -> None:
+    assert convert("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}) == {
+        "prompt": [user("Hi there"), assistant("Hello!"), user("Tell me a joke")],
+        "chosen": [assistant("Why did the chicken...")],
+        "rejected": [assistant("No.")],
+    }
+    assert FORMATS["hh_rlhf"].kind == "preference"
+
+
+def test_sharegpt_preference_object_list_system_and_renamed_keys() -> None:
+    row = {
+        "conversations": [{"from": "human", "value": "q"}],
+        "chosen": {"from": "gpt", "value": "good"},
+        "rejected": [{"from": "gpt", "value": "bad"}],
+        "system": "sys",
+    }
+    assert convert("sharegpt_preference", row) == {**PAIR, "prompt": [system("sys"), user("q")]}
+    renamed = {
+        "turns": [{"speaker": "user", "text": "q"}],
+        "chosen": {"speaker": "assistant", "text": "good"},
+        "rejected": {"speaker": "assistant", "text": "bad"},
+    }
+    fields = {"conversations": "turns", "role_key": "speaker", "content_key": "text"}
+    assert convert("sharegpt_preference", renamed, **fields) == PAIR
+
+
+@pytest.mark.parametrize(
+    ("label", "fields", "preferred"),
+    [
+        ("answer_a", {}, "a"),
+        ("answer_b", {}, "b"),
+        ("A", {}, "a"),
+        ("b", {}, "b"),
+        (0, {}, "a"),
+        (1, {}, "b"),
+        ("1", {}, "b"),  # CSV cells are strings
+        ("response_2", {"answer_a": "response_1", "answer_b": "response_2"}, "b"),
+        ("answer_a", {"answer_a": "response_1", "answer_b": "response_2"}, "a"),
+    ],
+)
+def test_pairwise_label_values(label: object, fields: dict, preferred: str) -> None:
+    columns = {"answer_a": fields.get("answer_a", "answer_a"), "answer_b": fields.get("answer_b", "answer_b")}
+    row = {"prompt": "q", columns["answer_a"]: "A!", columns["answer_b"]: [assistant("B!")], "label": label}
+    out = convert("pairwise_label", row, **fields)
+    best, worst = ("A!", "B!") if preferred == "a" else ("B!", "A!")
+    assert out == {"prompt": [user("q")], "chosen": [assistant(best)], "rejected": [assistant(worst)]}
+
+
+@pytest.mark.parametrize("label", ["tie", "Equal", "", None])
+def test_pairwise_label_tie_is_dropped_not_malformed(label: object) -> None:
+    with pytest.raises(DroppedRow, match="tie") as info:
+        convert("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": label})
+    assert not isinstance(info.value, RowError)
+
+
+@pytest.mark.parametrize(
+    ("name", "row", "reason"),
+    [
+        (
+            "chosen_rejected",
+            {"prompt": "q", "chosen": "same", "rejected": "same "},
+            "chosen and rejected are identical",
+        ),
+        ("chosen_rejected", {"prompt": " ", "chosen": "a", "rejected": "b"}, "the user prompt is empty"),
+        ("chosen_rejected", {"prompt": "q", "chosen": "", "rejected": "b"}, "the chosen reply is empty"),
+        (
+            "chosen_rejected",
+            {"prompt": "q", "chosen": "a", "rejected": [assistant(" ")]},
+            "the rejected reply is empty",
+        ),
+        ("chosen_rejected", {"prompt": [assistant("hi")], "chosen": "a", "rejected": "b"}, "must end with a user turn"),
+        ("chosen_rejected", {"prompt": "q", "chosen": [user("a")], "rejected": "b"}, "must end with an assistant"),
+        (
+            "chosen_rejected",
+            {"chosen": [user("q"), assistant("a")], "rejected": [user("other"), assistant("b")]},
+            "do not share the same prompt turns (they differ from turn 1)",
+        ),
+        (
+            "hh_rlhf",
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: p\n\nAssistant: b"},
+            "do not share the same prompt turns",
+        ),
+        (
+            "hh_rlhf",
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q"},
+            "must end with an assistant",
+        ),
+        ("hh_rlhf", {"chosen": "hello\n\nHuman: q\n\nAssistant: a", "rejected": "x"}, "text before the first"),
+        (
+            "hh_rlhf",
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"},
+            "identical",
+        ),
+        (
+            "hh_rlhf",
+            {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+            "chosen reply",
+        ),
+        ("hh_rlhf", {"chosen": ["not a transcript"], "rejected": ""}, "must be a transcript string, got list"),
+        (
+            "sharegpt_preference",
+            {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},
+            "missing field 'rejected'",
+        ),
+        (
+            "sharegpt_preference",
+            {
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                "chosen": {"from": "gpt", "value": "b"},
+                "rejected": {"from": "gpt", "value": "c"},
+            },
+            "the prompt must end with a user turn, not assistant",
+        ),
+        (
+            "pairwise_label",
+            {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": "winner"},
+            "label 'winner' names no field of this row (fields: prompt, answer_a, answer_b, label)",
+        ),
+        (
+            "pairwise_label",
+            {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": "prompt"},
+            "label 'prompt' names neither answer field",
+        ),
+        ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": 2}, "label must be"),
+        ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y"}, "missing field 'label'"),
+        ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "x", "label": "a"}, "identical"),
+    ],
+)
+def test_preference_row_error_reasons(name: str, row: dict, reason: str) -> None:
+    with pytest.raises(RowError) as info:
+        convert(name, row)
+    assert reason in str(info.value)

@@ -74,7 +74,7 @@ def test_set_overrides_with_types_and_errors(tmp_path: Path) -> None:
     assert recipe.overrides[0] == "train.learning_rate=1e-3"
     with pytest.raises(RecipeError, match=r"--set train.lerning_rate=1: train.lerning_rate: unknown key"):
         load_recipe(path, ["train.lerning_rate=1"])
-    with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(RecipeError, match=r"expected KEY\.PATH=VALUE"):
         load_recipe(path, ["train.learning_rate"])
     with pytest.raises(RecipeError, match="'name' is not a section"):
         load_recipe(path, ["name.x=1"])
@@ -110,3 +110,10 @@ def test_repo_recipes_validate() -> None:
     for path in recipes:
         if path.parent.name != "accelerate":
             assert load_recipe(path).name
+
+
+def test_stage_sections_must_match_the_stage(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "reward:\n  center_rewards_coefficient: 0.01\n")
+    with pytest.raises(RecipeError, match="section 'reward' applies to `align reward`, not to stage 'sft'"):
+        load_recipe(path)
+    assert load_recipe(path, ["stage=reward"]).reward.center_rewards_coefficient == 0.01

@@ -12,11 +12,12 @@ from align.data.cards import (
     split_eval,
     token_length_percentiles,
 )
-from align.data.formats import FORMATS, Format, Message, RowError, convert_row, get_format
+from align.data.formats import FORMATS, DroppedRow, Format, Message, RowError, convert_row, get_format
 
 __all__ = [
     "FORMATS",
     "DataCard",
+    "DroppedRow",
     "EvalSplit",
     "Format",
     "LoadedData",

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from align.data.formats import FORMATS, RowError, convert_row, did_you_mean, get_format
+from align.data.formats import FORMATS, DroppedRow, RowError, convert_row, did_you_mean, get_format
 from align.errors import DataError
 from align.hashing import canonical_json, sha256_file
 from align.yamlio import KeyPath, describe_validation_error, load_yaml
@@ -149,7 +149,10 @@ def load_card(path: str | Path) -> DataCard:
 
 @dataclass
 class RejectedRow:
-    """A row that was not used, with where it is (`file:LINE`, `file item N`, `org/ds[split] row N`) and why."""
+    """A row that was not used, with where it is (`file:LINE`, `file item N`, `org/ds[split] row N`) and why.
+
+    Also used for dropped rows (well-formed but unusable, e.g. a tied preference), which never fail a load.
+    """
 
     location: str
     reason: str
@@ -157,13 +160,14 @@ class RejectedRow:
 
 @dataclass
 class LoadedData:
-    """Canonical train/eval rows of one card, plus what was rejected and which files (with hashes) were read."""
+    """Canonical train/eval rows of one card, what was rejected or dropped, and which files (with hashes) were read."""
 
     card: DataCard
     train: list[dict]
     eval: list[dict]
     rejected: list[RejectedRow] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)
+    dropped: list[RejectedRow] = field(default_factory=list)
 
     def summary(self) -> dict:
         """Counts and file hashes for manifests and `align data validate`."""
@@ -174,6 +178,7 @@ class LoadedData:
             "format": self.card.format,
             "rows": {"train": len(self.train), "eval": len(self.eval)},
             "rejected": len(self.rejected),
+            "dropped": len(self.dropped),
             "files": self.files,
         }
 
@@ -330,10 +335,14 @@ def _read_hub(card: DataCard) -> tuple[RawRows, dict]:
 # ---------------------------------------------------------------- loading
 
 
-def _convert_all(card: DataCard, raw: Iterable[tuple[str, Any]]) -> tuple[list[dict], list[RejectedRow]]:
+def _convert_all(
+    card: DataCard, raw: Iterable[tuple[str, Any]]
+) -> tuple[list[dict], list[RejectedRow], list[RejectedRow]]:
+    """Converted rows, rejected (malformed) rows and dropped (well-formed but unusable, e.g. tied) rows."""
     fmt = get_format(card.format)
     rows: list[dict] = []
     rejected: list[RejectedRow] = []
+    dropped: list[RejectedRow] = []
     for location, item in raw:
         try:
             if isinstance(item, RowError):
@@ -341,7 +350,9 @@ def _convert_all(card: DataCard, raw: Iterable[tuple[str, Any]]) -> tuple[list[d
             rows.append(convert_row(fmt, item, card.fields))
         except RowError as exc:
             rejected.append(RejectedRow(location, str(exc)))
-    return rows, rejected
+        except DroppedRow as exc:
+            dropped.append(RejectedRow(location, str(exc)))
+    return rows, rejected, dropped
 
 
 def _read_files(card: DataCard, files: list[Path]) -> Iterator[tuple[str, Any]]:
@@ -390,9 +401,10 @@ def load_data(
     eval_files = _resolve(card, source.eval_path, "eval_path") if source.eval_path is not None else []
     files = hub_files + _verify_hashes(card, train_files + eval_files)
 
-    rows, rejected = _convert_all(card, raw)
-    eval_rows, eval_rejected = _convert_all(card, _read_files(card, eval_files))
+    rows, rejected, dropped = _convert_all(card, raw)
+    eval_rows, eval_rejected, eval_dropped = _convert_all(card, _read_files(card, eval_files))
     rejected += eval_rejected
+    dropped += eval_dropped
     if rejected and strict:
         shown = "\n".join(f"  {r.location}: {r.reason}" for r in rejected[:MAX_REPORTED])
         more = f"\n  ... and {len(rejected) - MAX_REPORTED} more" if len(rejected) > MAX_REPORTED else ""
@@ -402,6 +414,7 @@ def load_data(
         )
     if not rows:
         note = f" ({len(rejected)} rejected, first: {rejected[0].location}: {rejected[0].reason})" if rejected else ""
+        note += f" ({len(dropped)} dropped, first: {dropped[0].location}: {dropped[0].reason})" if dropped else ""
         what = ", ".join(str(p) for p in train_files) or f"hub dataset {source.hub}"
         raise DataError(f"{card.path}: no usable rows in {what}{note}")
     if eval_files and not eval_rows:
@@ -411,7 +424,7 @@ def load_data(
         rows, eval_rows = split_eval(rows, _eval_count(card, len(rows)), card.eval.seed)
     train = rows[:limit] if limit is not None else rows
     held_out = eval_rows[:eval_limit] if eval_limit is not None else eval_rows
-    return LoadedData(card=card, train=train, eval=held_out, rejected=rejected, files=files)
+    return LoadedData(card=card, train=train, eval=held_out, rejected=rejected, files=files, dropped=dropped)
 
 
 # ---------------------------------------------------------------- reporting helpers
@@ -443,9 +456,9 @@ def _render(messages: list[Mapping[str, str]], max_chars: int) -> list[str]:
 
 
 def describe_row(row: Mapping[str, Any], max_chars: int = 200) -> str:
-    """A compact multi-line rendering of a canonical row (prompt, then completion or chosen/rejected)."""
+    """A compact multi-line rendering of a canonical row: the prompt, then the completion or CHOSEN / REJECTED."""
     lines = ["prompt:", *_render(row.get("prompt", []), max_chars)]
-    for part in ("completion", "chosen", "rejected"):
+    for part, title in (("completion", "completion:"), ("chosen", "CHOSEN:"), ("rejected", "REJECTED:")):
         if part in row:
-            lines += [f"{part}:", *_render(row[part], max_chars)]
+            lines += [title, *_render(row[part], max_chars)]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ A converter raises `RowError` with a human reason; the card loader attaches the 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -193,27 +194,103 @@ def _convert_prompt_completion(row: Mapping[str, Any], fields: Mapping[str, str]
 # ---------------------------------------------------------------- preference converters
 
 
+class DroppedRow(Exception):
+    """A well-formed row that carries no preference (a tie); `str()` is the reason. Never fails a strict load."""
+
+
+def _split_preference(chosen: list[Message], rejected: list[Message], system: Any, system_field: str) -> dict:
+    """Canonical preference row from two full conversations: shared turns are the prompt, the last turn differs."""
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if not conversation or conversation[-1]["role"] != "assistant":
+            last = conversation[-1]["role"] if conversation else "nothing"
+            raise RowError(f"the {name} conversation must end with an assistant reply, not {last}")
+        if not conversation[-1]["content"].strip():
+            raise RowError(f"the {name} reply is empty")
+    prompt, other = chosen[:-1], rejected[:-1]
+    if prompt != other:
+        same = 0
+        while same < min(len(prompt), len(other)) and prompt[same] == other[same]:
+            same += 1
+        raise RowError(f"chosen and rejected do not share the same prompt turns (they differ from turn {same + 1})")
+    prompt = _with_system(prompt, system, system_field)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RowError(f"the prompt must end with a user turn, not {prompt[-1]['role'] if prompt else 'nothing'}")
+    if not prompt[-1]["content"].strip():
+        raise RowError("the user prompt is empty")
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+        raise RowError("chosen and rejected are identical")
+    return {"prompt": prompt, "chosen": [chosen[-1]], "rejected": [rejected[-1]]}
+
+
 def _convert_chosen_rejected(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
     chosen = _as_messages(_get(row, fields, "chosen"), fields["chosen"], "assistant")
     rejected = _as_messages(_get(row, fields, "rejected"), fields["rejected"], "assistant")
+    # Explicit prompt, or implicit (TRL convention): full conversations that share everything but the answer.
     raw_prompt = _get(row, fields, "prompt", required=False)
-    if raw_prompt is not None:
-        prompt = _as_messages(raw_prompt, fields["prompt"], "user")
-    else:
-        # Implicit prompt (TRL convention): full conversations that share everything but the answer.
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-            shared += 1
-        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-    prompt = _with_system(prompt, _get(row, fields, "system", required=False), fields["system"])
-    if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
-        raise RowError("the user prompt is empty")
-    for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        if not answer or answer[-1]["role"] != "assistant":
-            raise RowError(f"'{fields[name]}' does not end with an assistant turn")
-        if not answer[-1]["content"].strip():
-            raise RowError(f"the final '{fields[name]}' message is empty")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    prompt = [] if raw_prompt is None else _as_messages(raw_prompt, fields["prompt"], "user")
+    system = _get(row, fields, "system", required=False)
+    return _split_preference(prompt + chosen, prompt + rejected, system, fields["system"])
+
+
+_HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def _hh_turns(text: Any, column: str) -> list[Message]:
+    """An Anthropic HH-RLHF transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`) as messages, content stripped."""
+    if not isinstance(text, str):
+        raise RowError(f"field '{column}' must be a transcript string, got {_type_name(text)}")
+    parts = _HH_MARKER.split(text)
+    if parts[0].strip():
+        raise RowError(f"'{column}' has text before the first 'Human:'/'Assistant:' marker: {parts[0].strip()[:40]!r}")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def _convert_hh_rlhf(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
+    chosen = _hh_turns(_get(row, fields, "chosen"), fields["chosen"])
+    rejected = _hh_turns(_get(row, fields, "rejected"), fields["rejected"])
+    return _split_preference(chosen, rejected, None, "system")
+
+
+def _convert_sharegpt_preference(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
+    keys = fields["role_key"], fields["content_key"]
+    conversation = _messages(_get(row, fields, "conversations"), fields["conversations"], *keys)
+    replies = []
+    for name in ("chosen", "rejected"):
+        value = _get(row, fields, name)
+        replies.append(_messages([value] if isinstance(value, Mapping) else value, fields[name], *keys))
+    system = _get(row, fields, "system", required=False)
+    return _split_preference(conversation + replies[0], conversation + replies[1], system, fields["system"])
+
+
+_TIES = ("", "tie", "equal")
+
+
+def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str]) -> int:
+    """0 when the label prefers answer_a, 1 for answer_b; a tie raises DroppedRow."""
+    if label is None or (isinstance(label, str) and label.strip().lower() in _TIES):
+        raise DroppedRow(f"tie (label {label!r})")
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        return label
+    if isinstance(label, str):
+        text = label.strip()
+        for index, name in enumerate(("answer_a", "answer_b")):
+            if text in (fields[name], name) or text.lower() == "ab"[index] or text == str(index):
+                return index
+        if text not in row:
+            raise RowError(f"label {text!r} names no field of this row (fields: {', '.join(map(str, row))})")
+        raise RowError(f"label {text!r} names neither answer field ('{fields['answer_a']}' or '{fields['answer_b']}')")
+    raise RowError(f"label must be a field name, 'a'/'b', 0/1 or a tie marker, got {label!r}")
+
+
+def _convert_pairwise_label(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
+    prompt = _as_messages(_get(row, fields, "prompt"), fields["prompt"], "user")
+    answers = [_as_messages(_get(row, fields, name), fields[name], "assistant") for name in ("answer_a", "answer_b")]
+    if fields["label"] not in row:
+        raise RowError(f"missing field '{fields['label']}'")
+    best = _preferred(row[fields["label"]], row, fields)
+    system = _get(row, fields, "system", required=False)
+    return _split_preference(prompt + answers[best], prompt + answers[1 - best], system, fields["system"])
 
 
 # ---------------------------------------------------------------- registry
@@ -267,6 +344,43 @@ FORMATS: dict[str, Format] = {
             required=("chosen", "rejected"),
             convert=_convert_chosen_rejected,
             description="Preference pairs: `chosen`/`rejected` strings or message lists; `prompt` or a shared prefix.",
+        ),
+        Format(
+            name="hh_rlhf",
+            kind="preference",
+            fields={"chosen": "chosen", "rejected": "rejected"},
+            required=("chosen", "rejected"),
+            convert=_convert_hh_rlhf,
+            description="Anthropic HH-RLHF: `chosen`/`rejected` transcripts '\\n\\nHuman: ...\\n\\nAssistant: ...'.",
+        ),
+        Format(
+            name="sharegpt_preference",
+            kind="preference",
+            fields={
+                "conversations": "conversations",
+                "chosen": "chosen",
+                "rejected": "rejected",
+                "system": "system",
+                "role_key": "from",
+                "content_key": "value",
+            },
+            required=("conversations", "chosen", "rejected"),
+            convert=_convert_sharegpt_preference,
+            description="LLaMA-Factory pairs: `conversations` ending with a human turn, `chosen`/`rejected` turn(s).",
+        ),
+        Format(
+            name="pairwise_label",
+            kind="preference",
+            fields={
+                "prompt": "prompt",
+                "answer_a": "answer_a",
+                "answer_b": "answer_b",
+                "label": "label",
+                "system": "system",
+            },
+            required=("prompt", "answer_a", "answer_b", "label"),
+            convert=_convert_pairwise_label,
+            description="Two answers and a `label` naming the better one (field name, a/b, 0/1); ties are dropped.",
         ),
     )
 }
