@@ -34,12 +34,34 @@ demo: setup
 	$(MAKE) --no-print-directory pipeline RECIPES=recipes/demo
 	@echo "demo artifacts:"; $(ALIGN) artifacts list --registry $(REGISTRY)
 
-# The stage chain for one recipe set. A stage re-runs when its recipe, a data card or align's code changed.
-pipeline: setup $(STAMPS)/sft.done
+# The stage chain for one recipe set: sft -> pairs -> reward -> dpo -> eval. A stamp is written after each
+# publish, so a stage re-runs only when its recipe, a data card, align's code or an upstream stage changed.
+SOURCES   := $(wildcard data_cards/*.yaml data_cards/demo/*) $(wildcard align/*.py align/*/*.py)
+SET       := $(notdir $(RECIPES))
+EVAL_CARD := $(if $(findstring tiny,$(SET)),data_cards/tiny-story-prompts.yaml,data_cards/demo-prompts.yaml)
 
-$(STAMPS)/sft.done: $(RECIPES)/sft.yaml $(wildcard data_cards/*.yaml data_cards/demo/*) $(wildcard align/*.py align/*/*.py)
-	$(ALIGN) sft $(RECIPES)/sft.yaml --registry $(REGISTRY)
+pipeline: setup $(STAMPS)/eval.done
+
+$(STAMPS)/sft.done: $(RECIPES)/sft.yaml $(SOURCES)
+	$(ALIGN) sft $< --registry $(REGISTRY)
 	mkdir -p $(@D) && touch $@
+
+$(STAMPS)/pairs.done: $(RECIPES)/pairs.yaml $(STAMPS)/sft.done $(SOURCES)
+	$(ALIGN) pairs $< --registry $(REGISTRY)
+	touch $@
+
+$(STAMPS)/reward.done: $(RECIPES)/reward.yaml $(STAMPS)/pairs.done $(SOURCES)
+	$(ALIGN) reward $< --registry $(REGISTRY)
+	touch $@
+
+$(STAMPS)/dpo.done: $(RECIPES)/dpo.yaml $(STAMPS)/pairs.done $(SOURCES)
+	$(ALIGN) dpo $< --registry $(REGISTRY)
+	touch $@
+
+# The before/after table: the DPO policy against its SFT parent on held-out prompts.
+$(STAMPS)/eval.done: $(STAMPS)/dpo.done $(STAMPS)/reward.done
+	$(ALIGN) eval $(SET)-dpo@latest --data $(EVAL_CARD) --reward $(SET)-rm@latest --registry $(REGISTRY)
+	touch $@
 
 lint: setup
 	$(BIN)/ruff check align tests data_cards bench

@@ -52,6 +52,18 @@ def _registry(option: Path | None, recipe_root: str | None = None) -> Any:
     return Registry(Path(root))
 
 
+CardArg = Annotated[str, typer.Argument(help="Data card YAML file, or a dataset artifact NAME@vN.", show_default=False)]
+
+
+def _card(value: str, registry: Path | None = None) -> Any:
+    """Load a data card named by a path or by a dataset artifact reference (`tiny-pairs@latest`)."""
+    from align.data import load_card
+
+    if "@" in value:
+        return load_card(_registry(registry).data_card(value)[0])
+    return load_card(value)
+
+
 def _summary_table(artifact: Any) -> Any:
     from rich.table import Table
 
@@ -108,10 +120,23 @@ def reward(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt =
 
 
 @app.command()
+def dpo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+        registry: RegistryOpt = None) -> None:
+    """Direct preference optimisation from an SFT artifact; the reference is the same model, adapter off."""
+    _run_stage("dpo", recipe_path, overrides, resume, registry)
+
+
+@app.command()
+def pairs(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
+    """Preference pairs: sample K replies per prompt from a policy, label them with a judge -> a versioned card."""
+    _run_stage("pairs", recipe_path, overrides, False, registry)
+
+
+@app.command()
 def score(
     ref: Annotated[str, typer.Argument(help="Reward artifact: NAME@vN, NAME@latest, NAME or a path.",
                                        show_default=False)],
-    data: Annotated[Path | None, typer.Option(help="Score the rows of this data card.")] = None,
+    data: Annotated[str | None, typer.Option(help="Score the rows of this data card (path or NAME@vN).")] = None,
     split: Annotated[str, typer.Option(help="train or eval (with --data).")] = "eval",
     prompt: Annotated[str | None, typer.Option(help="A user prompt (with --response).")] = None,
     response: Annotated[list[str] | None, typer.Option(help="A reply to score (repeatable).")] = None,
@@ -122,7 +147,7 @@ def score(
     """Score replies with a reward artifact: the rows of a data card, or --prompt with --response(s)."""
     import json
 
-    from align.data import load_card, load_data
+    from align.data import load_data
 
     if output not in ("table", "jsonl"):
         raise AlignError(f"--output must be table or jsonl, not {output!r}")
@@ -136,7 +161,7 @@ def score(
         raise AlignError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact; `align score` needs a "
                          "reward artifact")
     if data is not None:
-        rows = getattr(load_data(load_card(data)), split)[:limit]
+        rows = getattr(load_data(_card(data, registry)), split)[:limit]
     else:
         rows = [{"prompt": [{"role": "user", "content": prompt}],
                  "completion": [{"role": "assistant", "content": reply}]} for reply in response or []]
@@ -147,8 +172,9 @@ def score(
     model, tokenizer = load_reward_model(artifact, reg)
     chat_template = artifact.manifest["adapter"].get("chat_template", "auto")
     columns = [key for key in ("chosen", "rejected", "completion") if rows and key in rows[0]]
+    max_length = artifact.manifest["recipe"]["train"]["max_length"]
     scores = {key: scoring.score_replies(model, tokenizer, [(r["prompt"], r[key]) for r in rows],
-                                         chat_template=chat_template) for key in columns}
+                                         chat_template=chat_template, max_length=max_length) for key in columns}
     records = [{"index": i, **{key: scores[key][i] for key in columns}} for i in range(len(rows))]
     if output == "jsonl":
         for record in records:
@@ -186,22 +212,90 @@ def _self_launched(recipe: Any) -> bool:
     return True
 
 
+@app.command("eval")
+def eval_(
+    ref: Annotated[str, typer.Argument(help="Policy artifact (sft, dpo, ...): NAME@vN, NAME@latest or a path.",
+                                       show_default=False)],
+    data: Annotated[str, typer.Option(help="Card (path or NAME@vN) whose prompts to answer.")],
+    split: Annotated[str, typer.Option(help="train or eval: held-out prompts by default.")] = "eval",
+    limit: Annotated[int, typer.Option(help="Number of prompts.")] = 64,
+    num_samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed, the same for artifact and parent.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Replies generated together.")] = 32,
+    judge: Annotated[str, typer.Option(help="vader | reward:NAME@vN | module:function.")] = "vader",
+    reward: Annotated[str | None, typer.Option(help="Reward artifact for reward scores and win rate.")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Compare a policy with its parent on held-out prompts: judge and reward scores, KL, win rate, fluency."""
+    from align.errors import AlignError
+    from align.evaluate import EvalSettings, evaluate_artifact
+
+    if split not in ("train", "eval"):
+        raise AlignError(f"--split must be train or eval, not {split!r}")
+    reg = _registry(registry)
+    card = _card(data, registry)
+    settings = EvalSettings(card=data, split=split, limit=limit, num_samples=num_samples,
+                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            batch_size=batch_size, judge=judge, reward=reward)
+    result = evaluate_artifact(reg.resolve(ref), reg, settings, card.path)
+    _console().print(_eval_table(result))
+    _console().print(_examples_table(result))
+    _console().print(f"saved {reg.resolve(ref).path / 'eval.json'}")
+
+
+def _examples_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="samples (first sample of the first prompts)", show_lines=True)
+    for column in ("prompt", "parent", "artifact"):
+        table.add_column(column, overflow="fold")
+    for example in result["examples"][:4]:
+        table.add_row(example["prompt"], f"{example['parent']}  [{example['judge_parent']:+.2f}]",
+                      f"{example['artifact']}  [{example['judge_artifact']:+.2f}]")
+    return table
+
+
+def _eval_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{result['artifact']} vs its parent {result['parent']}: {result['prompts']} prompts x "
+                        f"{result['settings']['num_samples']} samples (seed {result['settings']['seed']})")
+    for column in ("metric", "parent", "artifact", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    policy, parent = result["policy"], result["parent_model"]
+    judge = result["settings"]["judge"]
+    table.add_row(f"judge ({judge})", f"{parent['judge']:+.3f} ± {parent['judge_stderr']:.3f}",
+                  f"{policy['judge']:+.3f} ± {policy['judge_stderr']:.3f}",
+                  f"{result['judge_delta']:+.3f} ± {result['judge_delta_stderr']:.3f}")
+    if "reward" in policy:
+        table.add_row("reward", f"{parent['reward']:+.3f} ± {parent['reward_stderr']:.3f}",
+                      f"{policy['reward']:+.3f} ± {policy['reward_stderr']:.3f}",
+                      f"{policy['reward'] - parent['reward']:+.3f}")
+    table.add_row("KL to parent (nats/seq)", "0", f"{result['kl']:.3f} ± {result['kl_stderr']:.3f}", "")
+    table.add_row(f"win rate ({result['win_rate_by']})", "", f"{result['win_rate']:.3f}", "")
+    for key, label in (("length_tokens", "length (tokens)"), ("distinct_2", "distinct-2"),
+                       ("ref_nll_per_token", "reference NLL / token")):
+        table.add_row(label, f"{parent[key]:.3f}", f"{policy[key]:.3f}", f"{policy[key] - parent[key]:+.3f}")
+    return table
+
+
 # ---- recipe ------------------------------------------------------------------------------------------------
 
 
 @recipe_app.command("validate")
-def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
+def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
     """Check a recipe: schema, unknown keys, and that its data card and model/artifact references exist."""
     from align.data import load_card
-    from align.models import resolve_base
+    from align.models import resolve_starting_point
     from align.recipe import load_recipe
+    from align.training import resolve_card
 
     recipe = load_recipe(recipe_path, overrides or [])
-    card = load_card(recipe.relative_path(recipe.data.card))
-    if recipe.model.base is not None:
-        resolve_base(recipe.model.base, recipe.path.parent, recipe.model.revision)
-    else:
-        _registry(None, recipe.output.root).resolve(recipe.model.from_)
+    reg = _registry(registry, recipe.output.root)
+    card = load_card(resolve_card(recipe, reg)[0])
+    resolve_starting_point(recipe, reg)
     _console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
 
 
@@ -227,17 +321,18 @@ def recipe_show(
 
 @data_app.command("validate")
 def data_validate(
-    card_path: Annotated[Path, typer.Argument(help="Data card YAML file.", show_default=False)],
+    card_path: CardArg,
     tokenizer: Annotated[str | None, typer.Option(help="Model (dir, hub id, .gguf) for token-length stats.")] = None,
     chat_template: Annotated[str, typer.Option(help="auto | default | none, as in a recipe.")] = "auto",
+    registry: RegistryOpt = None,
 ) -> None:
     """Load every row of a card: counts, rejected rows with their line, token-length percentiles."""
     from rich.table import Table
 
-    from align.data import load_card, load_data, token_length_percentiles
+    from align.data import load_data, token_length_percentiles
     from align.errors import DataError
 
-    card = load_card(card_path)
+    card = _card(card_path, registry)
     data = load_data(card, strict=False)
     console = _console()
     summary = data.summary()
@@ -283,17 +378,18 @@ def _token_counter(tokenizer_spec: str, chat_template: str) -> Any:
 
 @data_app.command("preview")
 def data_preview(
-    card_path: Annotated[Path, typer.Argument(help="Data card YAML file.", show_default=False)],
+    card_path: CardArg,
     rows: Annotated[int, typer.Option("-n", "--rows", help="How many rows to show.")] = 3,
     split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+    registry: RegistryOpt = None,
 ) -> None:
     """Show a few rows as the trainer will see them (after format conversion)."""
-    from align.data import describe_row, load_card, load_data
+    from align.data import describe_row, load_data
     from align.errors import DataError
 
     if split not in ("train", "eval"):
         raise DataError(f"--split must be train or eval, not {split!r}")
-    data = load_data(load_card(card_path))
+    data = load_data(_card(card_path, registry))
     console = _console()
     for index, row in enumerate(getattr(data, split)[:rows]):
         console.rule(f"{split} row {index}")

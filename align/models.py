@@ -257,20 +257,28 @@ def load_starting_model(start: StartingPoint, registry: Registry, dtype: Any = N
     return model
 
 
-def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None) -> tuple[Any, Any]:
-    """A reward artifact as a ready scorer: base + its SFT chain merged, then its SEQ_CLS adapter (with the
-    trained score head) on top. Returns (model in eval mode, tokenizer)."""
+def load_artifact_model(artifact: Artifact, registry: Registry, dtype: Any = None,
+                        head: str = "causal_lm") -> tuple[Any, Any]:
+    """An adapter artifact on top of its parent: base + chain merged, the artifact's own adapter attached (not
+    merged), so `with model.disable_adapter():` is the parent. Returns (PeftModel in eval mode, tokenizer)."""
     from peft import PeftModel
 
-    if artifact.manifest.get("stage") != "reward":
-        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact, not a reward model")
+    if not (artifact.adapter_path / "adapter_config.json").exists():
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact with no adapter")
     start = StartingPoint(BaseModelSpec.from_manifest(artifact.manifest["base_model"]), None,
                           artifact.manifest.get("adapter_chain", []))
     tokenizer = load_tokenizer(start.base, "auto", saved_in=artifact.path)
-    model = load_starting_model(start, registry, dtype, head="score")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(model, str(artifact.adapter_path))
-    return model.eval(), tokenizer
+    model = load_starting_model(start, registry, dtype, head=head)
+    if head == "score":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(model, str(artifact.adapter_path)).eval(), tokenizer
+
+
+def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None) -> tuple[Any, Any]:
+    """A reward artifact as a ready scorer: its SEQ_CLS adapter (with the trained score head) on its parent."""
+    if artifact.manifest.get("stage") != "reward":
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact, not a reward model")
+    return load_artifact_model(artifact, registry, dtype, head="score")
 
 
 def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM") -> LoraConfig:

@@ -18,8 +18,17 @@ from align.errors import RecipeError
 from align.hashing import sha256_json
 from align.yamlio import describe_validation_error, load_yaml
 
-Stage = Literal["sft", "reward", "dpo", "ppo"]
-STAGE_SECTIONS = ("sft", "reward")
+Stage = Literal["sft", "reward", "pairs", "dpo"]
+# Sections a recipe may set for each stage (stage, name, description, model, data, output always apply).
+STAGE_SECTIONS: dict[str, set[str]] = {
+    "sft": {"lora", "train", "sft", "launch"},
+    "reward": {"lora", "train", "reward", "launch"},
+    "pairs": {"pairs", "launch"},
+    "dpo": {"lora", "train", "dpo", "launch"},
+}
+# The loss types TRL 1.16's DPOTrainer implements (tests check this list against TRL's source).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 class _Section(BaseModel):
@@ -45,7 +54,7 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    card: str = Field(description="Path of the data card, relative to the recipe file")
+    card: str = Field(description="Data card path (relative to the recipe file), or a pairs artifact NAME@vN")
     limit: int | None = Field(None, gt=0, description="Use at most this many training rows")
     eval_limit: int | None = Field(None, gt=0, description="Use at most this many eval rows")
 
@@ -101,6 +110,45 @@ class RewardSection(_Section):
     )
 
 
+class DpoSection(_Section):
+    """Direct preference optimisation (Rafailov et al. 2023) with TRL's names; the reference is the starting
+    model itself (LoRA disabled), so no second copy of the weights is held."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model")
+    loss_type: list[Literal[DPO_LOSS_TYPES]] = Field(default_factory=lambda: ["sigmoid"],
+                                                     description="One loss or several combined (MPO)")
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type when combining")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO / EXO label noise")
+    precompute_ref_log_probs: bool = Field(False, description="Score the reference once before training")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DpoSection:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
+        return self
+
+
+class PairsSection(_Section):
+    """Sample K replies per prompt from the policy, score them with a judge, keep the contrasting ones."""
+
+    judge: str = Field("vader", description="vader | reward:NAME@vN | package.module:function")
+    num_samples: int = Field(4, ge=2, description="Replies sampled per prompt (K)")
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, gt=0, description="Prompts x samples generated together")
+    selection: Literal["best_worst", "all_pairs"] = Field(
+        "best_worst", description="best_worst: one pair per prompt; all_pairs: every ordered pair above min_margin"
+    )
+    min_margin: float = Field(0.0, ge=0, description="Keep a pair only when its judge scores differ by more")
+    seed: int = 0
+
+
 class LaunchSection(_Section):
     num_processes: int = Field(1, gt=0, description="Above 1: align re-launches itself with `accelerate launch`")
     accelerate_config: str | None = Field(None, description="Accelerate config file (recipes/accelerate/*.yaml)")
@@ -120,6 +168,8 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     sft: SftSection = Field(default_factory=SftSection)
     reward: RewardSection = Field(default_factory=RewardSection)
+    pairs: PairsSection = Field(default_factory=PairsSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -127,9 +177,11 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _sections_match_stage(self) -> Recipe:
-        for section in STAGE_SECTIONS:
-            if section in self.model_fields_set and section != self.stage:
-                raise ValueError(f"section '{section}' applies to `align {section}`, not to stage '{self.stage}'")
+        allowed = STAGE_SECTIONS[self.stage]
+        for section in set().union(*STAGE_SECTIONS.values()) - allowed:
+            if section in self.model_fields_set:
+                raise ValueError(f"section '{section}' does not apply to stage '{self.stage}' "
+                                 f"(it takes: {', '.join(sorted(allowed))})")
         return self
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 

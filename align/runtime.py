@@ -39,15 +39,15 @@ def wait_for_everyone() -> None:
         dist.barrier()
 
 
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's value on every rank (e.g. the version it published)."""
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's value, in rank order, on every rank (e.g. the rows each rank generated)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 # ---- graceful interruption ----------------------------------------------------------------------------------

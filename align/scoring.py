@@ -21,8 +21,9 @@ def reward_input_ids(tokenizer: Any, prompt: list[Message], reply: list[Message]
 
 
 def score_replies(model: Any, tokenizer: Any, items: list[tuple[list[Message], list[Message]]], *,
-                  chat_template: str, batch_size: int = 16) -> list[float]:
-    """The scalar reward of each (prompt, reply); right padding, so the score is read at the last real token."""
+                  chat_template: str, batch_size: int = 16, max_length: int | None = None) -> list[float]:
+    """The scalar reward of each (prompt, reply); right padding, so the score is read at the last real token.
+    Longer than `max_length`, a sequence loses its beginning: the reply, which the score is about, stays."""
     import torch
 
     device = next(model.parameters()).device
@@ -31,7 +32,8 @@ def score_replies(model: Any, tokenizer: Any, items: list[tuple[list[Message], l
     model.eval()
     try:
         for start in range(0, len(items), batch_size):
-            ids = [reward_input_ids(tokenizer, p, r, chat_template) for p, r in items[start:start + batch_size]]
+            ids = [reward_input_ids(tokenizer, p, r, chat_template)[-max_length if max_length else 0:]
+                   for p, r in items[start:start + batch_size]]
             width = max(map(len, ids))
             input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
             attention = torch.zeros((len(ids), width), dtype=torch.long)  # [B, T]

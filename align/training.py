@@ -18,12 +18,14 @@ from typing import Any
 
 import yaml
 
-from align import runtime
+from align import models, runtime
 from align.artifacts import REQUIRED_MANIFEST_KEYS, Artifact, Registry, git_state, package_versions, parent_entry
-from align.errors import StageInterrupted
+from align.data import LoadedData, get_format, load_card, load_data
+from align.errors import DataError, StageInterrupted
+from align.generation import to_plain_text_row
 from align.hashing import sha256_json
 from align.models import StartingPoint
-from align.recipe import Recipe
+from align.recipe import Recipe, detect_device, resolve_device_defaults
 
 
 @dataclass
@@ -37,6 +39,7 @@ class StageRun:
     device: dict[str, Any]
     run_dir: Path
     resume_from: Path | None
+    data_parent: Artifact | None = None
     started: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
 
@@ -45,8 +48,15 @@ class StageRun:
         return self.run_dir / "checkpoints"
 
 
+def resolve_card(recipe: Recipe, registry: Registry) -> tuple[Path, Artifact | None]:
+    """`data.card` as a card path: a file relative to the recipe, or `NAME@vN` of a pairs artifact's card."""
+    if "@" in recipe.data.card:
+        return registry.data_card(recipe.data.card)
+    return recipe.relative_path(recipe.data.card), None
+
+
 def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summary: dict[str, Any],
-             device: dict[str, Any], resume: bool) -> StageRun:
+             device: dict[str, Any], resume: bool, data_parent: Artifact | None = None) -> StageRun:
     """Find (with --resume) or reset the run directory for this exact recipe, starting point and data."""
     key = sha256_json({
         "recipe": recipe.to_dict(),
@@ -55,7 +65,7 @@ def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summ
         "data": [f["sha256"] for f in data_summary.get("files", [])],
     })[:16]
     run_dir = registry.run_dir(recipe.name, key)
-    run = StageRun(recipe, registry, start, data_summary, device, run_dir, None)
+    run = StageRun(recipe, registry, start, data_summary, device, run_dir, None, data_parent)
     if resume:
         run.resume_from = runtime.last_complete_checkpoint(run.checkpoints)
         if run.resume_from is None:
@@ -65,6 +75,56 @@ def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summ
         if runtime.is_main_process():
             shutil.rmtree(run.checkpoints, ignore_errors=True)
     return run
+
+
+@dataclass
+class StageInputs:
+    """What a trainer stage starts from: its device-resolved recipe, rows, run, tokenizer and model."""
+
+    recipe: Recipe
+    data: LoadedData
+    run: StageRun
+    tokenizer: Any
+    model: Any
+
+
+_FORMAT_KINDS = {"sft": "conversations to imitate", "preference": "chosen/rejected pairs", "prompts": "prompts"}
+
+
+def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows: str,
+            head: str = "causal_lm") -> StageInputs:
+    """Load data (checking it is the kind of rows the stage needs) and references before any slow import,
+    then resolve device defaults, open the run directory and load tokenizer and starting model."""
+    card_path, data_parent = resolve_card(recipe, registry)
+    card = load_card(card_path)
+    kind = get_format(card.format).kind
+    if kind != rows:
+        raise DataError(f"{card.path}: format '{card.format}' gives {_FORMAT_KINDS[kind]}, but `align "
+                        f"{recipe.stage}` needs {_FORMAT_KINDS[rows]} (see the data card formats in README)")
+    data = load_data(card, limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
+    if rows == "preference" and not data.eval:
+        raise DataError(f"{card.path}: the eval split is empty; `align {recipe.stage}` is judged on held-out pairs")
+    start = models.resolve_starting_point(recipe, registry)
+    device = detect_device()
+    recipe = resolve_device_defaults(recipe, device)
+    run = open_run(recipe, registry, start, data.summary(), device, resume, data_parent)
+    for note in run.notes:
+        say(note)
+    tokenizer = models.load_tokenizer(start.base, recipe.model.chat_template,
+                                      saved_in=start.parent.path if start.parent else None)
+    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision), head)
+    if head == "score":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return StageInputs(recipe, data, run, tokenizer, model)
+
+
+def as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
+    """Canonical rows as a `datasets.Dataset` in TRL's conversational form, or its plain-text form."""
+    from datasets import Dataset
+
+    if chat_template == "none":
+        rows = [to_plain_text_row(row) for row in rows]
+    return Dataset.from_list(rows)
 
 
 def trainer_args(run: StageRun) -> dict[str, Any]:
@@ -142,9 +202,11 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], adapter: dict[str, Any],
+def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details: dict[str, Any],
             extra_parents: list[tuple[Artifact, str]] = ()) -> Artifact | None:
-    """Rank 0 writes the artifact through `write_files(staging_dir)` and publishes it; every rank gets its ref.
+    """Rank 0 writes the artifact through `write_files(staging_dir)` and publishes it.
+
+    `details` are the stage's own manifest keys (e.g. `adapter` for trained stages, `pairs` for datasets).
 
     Returns the Artifact on rank 0 and None elsewhere, after all ranks have synchronised.
     """
@@ -152,6 +214,7 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], adapter
     if runtime.is_main_process():
         recipe = run.recipe
         parents = [parent_entry(run.start.parent, "model")] if run.start.parent else []
+        parents += [parent_entry(run.data_parent, "data")] if run.data_parent else []
         parents += [parent_entry(artifact_, role) for artifact_, role in extra_parents]
         manifest = {
             "stage": recipe.stage,
@@ -164,7 +227,7 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], adapter
             "recipe_sha256": recipe.sha256(),
             "seed": recipe.train.seed,
             "metrics": metrics,
-            "adapter": adapter,
+            **details,
             "device": run.device,
             "world_size": runtime.world()[1],
             "resumed_from": run.resume_from.name if run.resume_from else None,

@@ -1,6 +1,7 @@
-"""Benchmarks for align: CLI start-up, and wall time / peak RSS of SFT runs. Writes docs/BENCHMARKS.md.
+"""Benchmarks for align: CLI start-up, and wall time / peak RSS of every stage. Writes docs/BENCHMARKS.md.
 
-Run with `make bench` (tiny model only) or `make bench BENCH_ARGS=--demo` (adds the SmolLM2-135M demo SFT).
+Run with `make bench` (the tiny chain on stories260K) or `make bench BENCH_ARGS=--demo` (adds the
+SmolLM2-135M demo chain, about 15 minutes on 2 cores).
 Targets are checked here, never by timed assertions in tests.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import statistics
@@ -29,6 +31,23 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     return time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
+HEADLINES = {
+    "sft": ("eval_loss_before", "eval_loss"),
+    "pairs": ("pairs_train", "pairs_eval", "judge_mean", "replies_per_second"),
+    "reward": ("eval_accuracy_before", "eval_accuracy", "eval_pairs"),
+}
+
+
+def headline(registry: Path, stage: str) -> str:
+    """The key metrics of the artifact a stage just published into `registry`."""
+    for manifest_path in registry.glob("*/v*/manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["stage"] == stage:
+            metrics = manifest["metrics"]
+            return ", ".join(f"{key} {metrics[key]:.3g}" for key in HEADLINES[stage])
+    return "published nothing"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,7 +60,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--demo", action="store_true", help="also time the SmolLM2-135M demo SFT (minutes)")
+    parser.add_argument("--demo", action="store_true", help="also time the SmolLM2-135M demo chain (minutes)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     align = str(Path(sys.executable).with_name("align"))
@@ -53,13 +72,14 @@ def main() -> None:
     rows.append(("`align --help` (median of 7)", f"{median * 1000:.0f} ms",
                  "-", "ok" if median < HELP_TARGET_S else f"over the {HELP_TARGET_S * 1000:.0f} ms target"))
 
-    with tempfile.TemporaryDirectory() as registry:
-        runs = [("tiny SFT: stories260K, 40 steps x 8 rows", "recipes/tiny/sft.yaml")]
-        if args.demo:
-            runs.append(("demo SFT: SmolLM2-135M, recipes/demo/sft.yaml", "recipes/demo/sft.yaml"))
-        for label, recipe in runs:
-            wall, rss, code = measure([align, "sft", recipe, "--registry", registry], env)
-            rows.append((label, f"{wall:.1f} s", f"{rss:.0f} MiB", "ok" if code == 0 else f"exit {code}"))
+    chains = [("tiny", "recipes/tiny")] + ([("demo", "recipes/demo")] if args.demo else [])
+    for label, recipes in chains:
+        with tempfile.TemporaryDirectory() as registry:
+            for stage in ("sft", "pairs", "reward"):
+                recipe = f"{recipes}/{stage}.yaml"
+                wall, rss, code = measure([align, stage, recipe, "--registry", registry], env)
+                result = headline(Path(registry), stage) if code == 0 else f"exit {code}"
+                rows.append((f"{label} {stage}: `{recipe}`", f"{wall:.1f} s", f"{rss:.0f} MiB", result))
 
     header = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}. Date: {dt.date.today().isoformat()}.")

@@ -12,7 +12,11 @@ import random
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "demo" / "sft.jsonl"
-DEFAULT_PAIRS_OUT = Path(__file__).resolve().parent / "demo" / "tone-pairs.jsonl"
+OUTPUTS = {
+    "sft": DEFAULT_OUT,
+    "story-prompts": DEFAULT_OUT.with_name("story-prompts.jsonl"),
+    "chat-prompts": DEFAULT_OUT.with_name("chat-prompts.jsonl"),
+}
 SYSTEM = "You are a friendly assistant. Answer in one or two short, warm sentences."
 
 COLORS = ["red", "blue", "green", "yellow", "orange", "purple", "white", "black", "brown", "grey", "pink", "golden"]
@@ -353,40 +357,73 @@ def generate(seed: int = 0, system_every: int = 40) -> list[dict]:
     return rows
 
 
-# Curt, unfriendly replies: the "rejected" side of the tone pairs. Written for align.
-GRUMPY_OPENERS = ["Ugh.", "Whatever.", "No.", "Why ask me?", "I don't care.", "Boring.", "Go away.", "Fine, I guess."]
-GRUMPY_CLOSERS = [
-    "That is a dull, pointless question.",
-    "I hate talking about this.",
-    "Nobody cares about that.",
-    "Stop bothering me with silly things.",
-    "This is awful and a waste of time.",
-    "Leave me alone, please.",
+# Story openings for the TinyStories model (plain-text continuation), and chat prompts for the demo model.
+STORY_NAMES = ["Tom", "Lily", "Ben", "Mia", "Max", "Sue", "Tim", "Anna", "Sam", "Lucy", "Jack", "Zoe", "Leo", "Ella"]
+STORY_WHO = ["cat", "dog", "bird", "bunny", "boy", "girl", "frog", "bear", "fish", "duck", "mouse", "fox"]
+STORY_ADJECTIVES = ["little", "big", "small", "old", "young", "shy", "curious", "tiny", "fluffy", "quiet"]
+STORY_PLACES = ["park", "forest", "beach", "garden", "river", "farm", "town", "shop", "school", "hill"]
+STORY_THINGS = ["ball", "box", "kite", "hat", "toy", "boat", "book", "cake", "car", "drum"]
+STORY_OPENINGS = [
+    "Once upon a time, there was a {adj} {who} named {name}. {P}",
+    "One day, {name} the {who} went to the {place}. {P} saw",
+    "{name} had a {adj} {thing}. Every day, {p}",
+    "There was a {adj} {who} who lived near the {place}. One morning,",
+    "{name} and the {who} found a {thing} in the {place}. They",
 ]
+CHAT_PLACES = ["harbour", "forest", "street", "kitchen", "library", "park", "station", "beach", "garden", "bridge"]
+CHAT_NUISANCES = ["bus", "printer", "laptop", "lift", "neighbour", "train", "phone", "fridge", "heater", "website"]
+CHAT_PRODUCTS = ["pair of headphones", "coffee maker", "novel", "rain jacket", "desk lamp", "backpack", "board game",
+                 "kettle", "phone case", "yoga mat"]
+CHAT_KINDS = {
+    "neutral": ([f"{a} {p}" for a in ("quiet", "busy", "old", "new") for p in CHAT_PLACES],
+                ["Write one sentence about the {}.", "Describe the {} in two sentences.",
+                 "Tell me about a visit to the {}.", "What is it like at the {}?"]),
+    "negative": ([f"{a} {n}" for a in ("late", "noisy", "broken", "slow") for n in CHAT_NUISANCES],
+                 ["Complain about the {}.", "Write a grumpy sentence about the {}.",
+                  "Tell me what annoys you about the {}.", "Rant about the {} in one sentence."]),
+    "review": ([f"{a} {p}" for a in ("cheap", "new", "popular", "compact") for p in CHAT_PRODUCTS],
+               ["Write a short review of the {}.", "Give a one-sentence review of the {}.",
+                "What did you think of the {}? Answer in a sentence.", "Rate the {} in two sentences."]),
+}
 
 
-def generate_pairs(seed: int = 0) -> list[dict]:
-    """Tone preference pairs over the demo prompts: the warm demo answer is chosen, a curt grumpy one rejected.
-    Explicit prompt/chosen/rejected rows (format chosen_rejected), for the tiny reward-model tests."""
-    rng = random.Random(seed + 1)
+def generate_story_prompts(seed: int = 0, count: int = 1000) -> list[dict]:
+    """Unique story openings, each ending where the model should continue."""
+    rng = random.Random(seed + 2)
+    seen: set[str] = set()
     rows = []
-    for row in generate(seed):
-        prompt, answer = row["messages"][-2]["content"], row["messages"][-1]["content"]
-        rejected = f"{rng.choice(GRUMPY_OPENERS)} {rng.choice(GRUMPY_CLOSERS)}"
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+    while len(rows) < count:
+        who = rng.choice(STORY_WHO)
+        pronoun = "She" if who == "girl" else "He" if who == "boy" else "It"
+        text = rng.choice(STORY_OPENINGS).format(
+            adj=rng.choice(STORY_ADJECTIVES), who=who, name=rng.choice(STORY_NAMES), place=rng.choice(STORY_PLACES),
+            thing=rng.choice(STORY_THINGS), P=pronoun, p=pronoun.lower())
+        if text not in seen:
+            seen.add(text)
+            rows.append({"prompt": text})
+    return rows
+
+
+def generate_chat_prompts(seed: int = 0) -> list[dict]:
+    """Neutral, negative-leaning and review-style requests, 160 of each kind, every prompt once."""
+    rng = random.Random(seed + 3)
+    rows = [{"prompt": template.format(subject), "kind": kind}
+            for kind, (subjects, templates) in CHAT_KINDS.items() for subject in subjects for template in templates]
+    rng.shuffle(rows)
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("sft", "pairs"), default="sft", help="the SFT set or the tone pairs")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output JSONL (default {DEFAULT_OUT} or {DEFAULT_PAIRS_OUT})")
+    parser.add_argument("--kind", choices=tuple(OUTPUTS), default="sft", help="which data set to write")
+    parser.add_argument("--out", type=Path, default=None, help="output JSONL (default: data_cards/demo/<kind>)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    args.out = args.out or (DEFAULT_OUT if args.kind == "sft" else DEFAULT_PAIRS_OUT)
+    args.out = args.out or OUTPUTS[args.kind]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = generate(args.seed) if args.kind == "sft" else generate_pairs(args.seed)
+    makers = {"sft": generate, "story-prompts": generate_story_prompts,
+              "chat-prompts": generate_chat_prompts}
+    rows = makers[args.kind](args.seed)
     with open(args.out, "w", encoding="utf-8", newline="\n") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")

@@ -59,3 +59,27 @@ def sft_registry(tmp_path_factory: pytest.TempPathFactory, run_align: Callable, 
         result = run_align("sft", TINY_SFT, "--registry", root)
         assert result.returncode == 0, result.stderr[-3000:]
     return root
+
+
+@pytest.fixture(scope="session")
+def pairs_artifact(sft_registry: Path, run_align: Callable) -> Path:
+    """tiny-pairs@v1: VADER-labelled story pairs sampled from tiny-sft@latest, in the session registry."""
+    result = run_align("pairs", REPO / "recipes" / "tiny" / "pairs.yaml", "--registry", sft_registry)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sft_registry / "tiny-pairs" / "v1"
+
+
+@pytest.fixture(scope="session")
+def reward_artifact(pairs_artifact: Path, sft_registry: Path, run_align: Callable) -> Path:
+    """tiny-rm@v1: the tiny reward model, from tiny-sft@latest, trained on tiny-pairs@latest."""
+    result = run_align("reward", REPO / "recipes" / "tiny" / "reward.yaml", "--registry", sft_registry)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sft_registry / "tiny-rm" / "v1"
+
+
+@pytest.fixture(scope="session")
+def dpo_artifact(pairs_artifact: Path, sft_registry: Path, run_align: Callable) -> Path:
+    """tiny-dpo@v1: DPO of tiny-sft@latest on tiny-pairs@latest."""
+    result = run_align("dpo", REPO / "recipes" / "tiny" / "dpo.yaml", "--registry", sft_registry)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sft_registry / "tiny-dpo" / "v1"

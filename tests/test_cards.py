@@ -317,19 +317,25 @@ def test_shared_messages_demo(shared_dir: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the project's own demo data
 
 
-def test_generator_reproduces_committed_demo(tmp_path: Path) -> None:
-    out = tmp_path / "sft.jsonl"
+@pytest.mark.parametrize(("kind", "file", "cards"), [
+    ("sft", "sft.jsonl", ("demo-sft.yaml", "tiny-sft.yaml")),
+    ("story-prompts", "story-prompts.jsonl", ("tiny-story-prompts.yaml",)),
+    ("chat-prompts", "chat-prompts.jsonl", ("demo-prompts.yaml",)),
+])
+def test_generator_reproduces_committed_demo(kind: str, file: str, cards: tuple[str, ...], tmp_path: Path) -> None:
+    out = tmp_path / file
     subprocess.run(
-        [sys.executable, str(REPO / "data_cards" / "generate_demo.py"), "--out", str(out)],
+        [sys.executable, str(REPO / "data_cards" / "generate_demo.py"), "--kind", kind, "--out", str(out)],
         check=True,
         capture_output=True,
     )
-    committed = REPO / "data_cards" / "demo" / "sft.jsonl"
+    committed = REPO / "data_cards" / "demo" / file
     assert out.read_bytes() == committed.read_bytes()
     assert committed.stat().st_size < 300_000
-    for name in ("demo-sft.yaml", "tiny-sft.yaml"):
+    for name in cards:
         card = load_card(REPO / "data_cards" / name)
-        assert card.sha256 == {"demo/sft.jsonl": sha256_file(out)}
+        assert card.sha256 == {f"demo/{file}": sha256_file(out)}
+        assert load_data(card).rejected == []
 
 
 def test_demo_cards_load() -> None:

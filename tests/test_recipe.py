@@ -114,6 +114,7 @@ def test_repo_recipes_validate() -> None:
 
 def test_stage_sections_must_match_the_stage(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "reward:\n  center_rewards_coefficient: 0.01\n")
-    with pytest.raises(RecipeError, match="section 'reward' applies to `align reward`, not to stage 'sft'"):
+    expected = r"section 'reward' does not apply to stage 'sft' \(it takes: launch, lora, sft, train\)"
+    with pytest.raises(RecipeError, match=expected):
         load_recipe(path)
     assert load_recipe(path, ["stage=reward"]).reward.center_rewards_coefficient == 0.01

@@ -30,7 +30,7 @@ class Format:
     """One dataset layout: its canonical field names, their default columns, and the converter."""
 
     name: str
-    kind: Literal["sft", "preference"]
+    kind: Literal["sft", "preference", "prompts"]
     fields: dict[str, str]  # canonical field name -> default column (or key) name in the file
     required: tuple[str, ...]
     convert: Callable[[Mapping[str, Any], Mapping[str, str]], dict]
@@ -191,6 +191,16 @@ def _convert_prompt_completion(row: Mapping[str, Any], fields: Mapping[str, str]
     return _split_sft(_with_system(prompt + completion, _get(row, fields, "system", required=False), fields["system"]))
 
 
+def _convert_prompts(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
+    prompt = _with_system(_as_messages(_get(row, fields, "prompt"), fields["prompt"], "user"),
+                          _get(row, fields, "system", required=False), fields["system"])
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RowError(f"field '{fields['prompt']}' must end with a user turn")
+    if not prompt[-1]["content"].strip():
+        raise RowError("the user prompt is empty")
+    return {"prompt": prompt}
+
+
 # ---------------------------------------------------------------- preference converters
 
 
@@ -336,6 +346,14 @@ FORMATS: dict[str, Format] = {
             required=("prompt", "completion"),
             convert=_convert_prompt_completion,
             description="`prompt` and `completion`, each a string or a list of messages.",
+        ),
+        Format(
+            name="prompts",
+            kind="prompts",
+            fields={"prompt": "prompt", "system": "system"},
+            required=("prompt",),
+            convert=_convert_prompts,
+            description="Prompts only (a string or messages ending with a user turn): for sampling and evaluation.",
         ),
         Format(
             name="chosen_rejected",

@@ -11,43 +11,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from align import generation, models, runtime, scoring, training
+from align import models, runtime, scoring, training
 from align.artifacts import Artifact, Registry
-from align.data import load_card, load_data
 from align.errors import DataError
-from align.recipe import Recipe, detect_device, resolve_device_defaults
-
-
-def _as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
-    from datasets import Dataset
-
-    if chat_template == "none":
-        rows = [generation.to_plain_text_row(row) for row in rows]
-    return Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+from align.recipe import Recipe
 
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one reward adapter. Returns the artifact on the main process, None on other ranks."""
-    card = load_card(recipe.relative_path(recipe.data.card))
-    data = load_data(card, limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
-    if not data.train or "chosen" not in data.train[0]:
-        raise DataError(f"{card.path}: format '{card.format}' gives no chosen/rejected pairs; a reward model "
-                        "needs a preference format (see README, data cards)")
-    if not data.eval:
-        raise DataError(f"{card.path}: the eval split is empty; a reward model is judged on held-out pairs")
-    start = models.resolve_starting_point(recipe, registry)
-    device = detect_device()
-    recipe = resolve_device_defaults(recipe, device)
-    from trl import RewardConfig, RewardTrainer
-
-    run_state = training.open_run(recipe, registry, start, data.summary(), device, resume)
-    for note in run_state.notes:
-        say(note)
-
+    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="preference", head="score")
+    recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
     chat_template = recipe.model.chat_template
-    tokenizer = models.load_tokenizer(start.base, chat_template, saved_in=start.parent.path if start.parent else None)
-    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision), head="score")
-    model.config.pad_token_id = tokenizer.pad_token_id
+    from trl import RewardConfig, RewardTrainer
 
     config = RewardConfig(
         **training.trainer_args(run_state),
@@ -56,20 +31,28 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     )
     runtime.wait_for_everyone()
     trainer = RewardTrainer(
-        model=model,
+        model=inputs.model,
         args=config,
-        train_dataset=_as_dataset(data.train, chat_template),
-        eval_dataset=_as_dataset(data.eval, chat_template),
+        train_dataset=training.as_dataset(data.train, chat_template),
+        eval_dataset=training.as_dataset(data.eval, chat_template),
         processing_class=tokenizer,
         peft_config=models.lora_config(recipe.lora, "SEQ_CLS"),
     )
 
+    # Judge on the eval pairs the trainer itself keeps: TRL drops pairs longer than max_length.
+    max_length = recipe.train.max_length
+    eval_rows = [row for row in data.eval if all(
+        len(scoring.reward_input_ids(tokenizer, row["prompt"], row[side], chat_template)) <= max_length
+        for side in ("chosen", "rejected"))]
+    if not eval_rows:
+        raise DataError(f"{recipe.data.card}: every eval pair is longer than train.max_length={max_length} tokens")
+
     def eval_scores() -> tuple[list[float], list[float]]:
         scorer = trainer.accelerator.unwrap_model(trainer.model)
         batch = recipe.train.per_device_eval_batch_size
-        chosen = scoring.score_replies(scorer, tokenizer, [(r["prompt"], r["chosen"]) for r in data.eval],
+        chosen = scoring.score_replies(scorer, tokenizer, [(r["prompt"], r["chosen"]) for r in eval_rows],
                                        chat_template=chat_template, batch_size=batch)
-        rejected = scoring.score_replies(scorer, tokenizer, [(r["prompt"], r["rejected"]) for r in data.eval],
+        rejected = scoring.score_replies(scorer, tokenizer, [(r["prompt"], r["rejected"]) for r in eval_rows],
                                          chat_template=chat_template, batch_size=batch)
         return chosen, rejected
 
@@ -86,6 +69,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "global_step": trainer.state.global_step,
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
+        "eval_rows_too_long": len(data.eval) - len(eval_rows),
     }
     adapter_dir = training.save_adapter(trainer, run_state)
 
@@ -102,4 +86,4 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
                "target_modules": lora.target_modules, "chat_template": chat_template,
                "score_head": "saved in the adapter (modules_to_save)",
                "normalisation": {"mean": after["reward_mean"], "std": after["reward_std"]}}
-    return training.publish(run_state, write_files=write_files, metrics=metrics, adapter=adapter)
+    return training.publish(run_state, write_files=write_files, metrics=metrics, details={"adapter": adapter})

@@ -12,35 +12,15 @@ from typing import Any
 
 from align import generation, models, runtime, training
 from align.artifacts import Artifact, Registry
-from align.data import load_card, load_data
-from align.recipe import Recipe, detect_device, resolve_device_defaults
-
-
-def _as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
-    from datasets import Dataset
-
-    if chat_template == "none":
-        rows = [generation.to_plain_text_row(row) for row in rows]
-    return Dataset.from_list(rows)
+from align.recipe import Recipe
 
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one SFT adapter. Returns the artifact on the main process, None on other ranks."""
-    # User errors in data and references surface before the slow imports.
-    data = load_data(load_card(recipe.relative_path(recipe.data.card)),
-                     limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
-    start = models.resolve_starting_point(recipe, registry)
-    device = detect_device()
-    recipe = resolve_device_defaults(recipe, device)
-    from trl import SFTConfig, SFTTrainer
-
-    run_state = training.open_run(recipe, registry, start, data.summary(), device, resume)
-    for note in run_state.notes:
-        say(note)
-
+    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="sft")
+    recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
     chat_template = recipe.model.chat_template
-    tokenizer = models.load_tokenizer(start.base, chat_template, saved_in=start.parent.path if start.parent else None)
-    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision))
+    from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
         **training.trainer_args(run_state),
@@ -50,10 +30,10 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     )
     runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
     trainer = SFTTrainer(
-        model=model,
+        model=inputs.model,
         args=config,
-        train_dataset=_as_dataset(data.train, chat_template),
-        eval_dataset=_as_dataset(data.eval, chat_template),
+        train_dataset=training.as_dataset(data.train, chat_template),
+        eval_dataset=training.as_dataset(data.eval, chat_template),
         processing_class=tokenizer,
         peft_config=models.lora_config(recipe.lora, "CAUSAL_LM"),
     )
@@ -101,4 +81,4 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     lora = recipe.lora
     adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
                "target_modules": lora.target_modules, "chat_template": chat_template}
-    return training.publish(run_state, write_files=write_files, metrics=metrics, adapter=adapter)
+    return training.publish(run_state, write_files=write_files, metrics=metrics, details={"adapter": adapter})

@@ -1,0 +1,73 @@
+"""`align dpo`: direct preference optimisation with TRL's DPOTrainer, starting from an SFT artifact.
+
+Steps: preference card -> pairs; SFT artifact merged into the base in memory; a fresh LoRA through
+`peft_config`, so TRL's reference model is this same model with the adapter disabled (no second copy of
+the weights); preference accuracy and margins on the eval split before and after; publish the adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from align import models, runtime, training
+from align.artifacts import Artifact, Registry
+from align.recipe import Recipe
+
+
+def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
+    """Train and publish one DPO policy adapter. Returns the artifact on the main process, None elsewhere."""
+    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="preference")
+    recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
+    chat_template, settings = recipe.model.chat_template, recipe.dpo
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        **training.trainer_args(run_state),
+        max_length=recipe.train.max_length,
+        beta=settings.beta,
+        loss_type=list(settings.loss_type),
+        loss_weights=settings.loss_weights,
+        label_smoothing=settings.label_smoothing,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+    )
+    runtime.wait_for_everyone()
+    trainer = DPOTrainer(
+        model=inputs.model,
+        args=config,
+        train_dataset=training.as_dataset(data.train, chat_template),
+        eval_dataset=training.as_dataset(data.eval, chat_template),
+        processing_class=tokenizer,
+        peft_config=models.lora_config(recipe.lora, "CAUSAL_LM"),
+    )
+
+    # Before training the policy is the reference: every implicit reward is 0, so this is the floor.
+    before = trainer.evaluate()
+    train_metrics = training.train(trainer, run_state)
+    after = trainer.evaluate()
+    metrics = {
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss": after.get("eval_loss"),
+        "eval_reward_accuracy": after.get("eval_rewards/accuracies"),
+        "eval_reward_margin": after.get("eval_rewards/margins"),
+        "eval_reward_chosen": after.get("eval_rewards/chosen"),
+        "eval_reward_rejected": after.get("eval_rewards/rejected"),
+        "train_loss": train_metrics.get("train_loss"),
+        "train_runtime_s": train_metrics.get("train_runtime"),
+        "global_step": trainer.state.global_step,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+    }
+    adapter_dir = training.save_adapter(trainer, run_state)
+
+    def write_files(staging: Path) -> None:
+        shutil.copytree(adapter_dir, staging / "adapter")
+        tokenizer.save_pretrained(str(staging))
+        training.write_json(staging / "log_history.json", trainer.state.log_history)
+
+    lora = recipe.lora
+    adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
+               "target_modules": lora.target_modules, "chat_template": chat_template}
+    return training.publish(run_state, write_files=write_files, metrics=metrics,
+                            details={"adapter": adapter, "dpo": settings.model_dump()})

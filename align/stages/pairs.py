@@ -1,0 +1,138 @@
+"""`align pairs`: preference pairs from a policy and a judge, published as a versioned dataset with its own card.
+
+Steps: prompts card -> prompts; policy (base or artifact, merged) samples K replies per prompt; the judge
+scores every reply; per prompt the best and worst (or every ordered pair above a margin) become
+chosen/rejected. Pairs from train prompts form the train file and pairs from held-out prompts the eval
+file, so held-out prompts stay held out downstream. The artifact's `card.yaml` is a normal data card:
+a reward or DPO recipe names it as `data.card: NAME@vN`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align import generation, judges, models, runtime, training
+from align.artifacts import Artifact, Registry
+from align.data import load_card, load_data
+from align.errors import DataError
+from align.hashing import sha256_file
+from align.recipe import PairsSection, Recipe, detect_device, resolve_device_defaults
+
+Message = dict[str, str]
+
+
+def select_pairs(prompt: list[Message], replies: list[str], scores: list[float],
+                 settings: PairsSection) -> list[dict[str, Any]]:
+    """Chosen/rejected rows for one prompt: the best and worst reply, or every ordered pair above the margin.
+    Identical replies never form a pair."""
+    candidates = sorted(zip(scores, replies, strict=True), key=lambda pair: -pair[0])
+    if settings.selection == "best_worst":
+        candidates = [candidates[0], candidates[-1]]
+    rows = []
+    for (high, chosen), (low, rejected) in itertools.combinations(candidates, 2):
+        if high - low > settings.min_margin and chosen.strip() != rejected.strip() and chosen.strip():
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                         "chosen_score": high, "rejected_score": low})
+    return rows
+
+
+def _sample_and_judge(model: Any, tokenizer: Any, prompts: list[list[Message]], judge: judges.JudgeFn,
+                      recipe: Recipe, seed: int) -> list[dict[str, Any]]:
+    """K judged replies for each prompt: [{"prompt", "replies", "scores"}]."""
+    settings = recipe.pairs
+    repeated = [prompt for prompt in prompts for _ in range(settings.num_samples)]
+    replies = generation.generate(model, tokenizer, repeated, chat_template=recipe.model.chat_template,
+                                  max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                  top_p=settings.top_p, seed=seed, batch_size=settings.batch_size,
+                                  progress=f"sampling {len(prompts)} prompts x {settings.num_samples}")
+    scores = judge(repeated, replies)
+    k = settings.num_samples
+    return [{"prompt": prompt, "replies": replies[i * k:(i + 1) * k], "scores": scores[i * k:(i + 1) * k]}
+            for i, prompt in enumerate(prompts)]
+
+
+def _card_text(recipe: Recipe, policy: str) -> str:
+    card = {
+        "name": recipe.name,
+        "description": (f"Preference pairs sampled from {policy} ({recipe.pairs.num_samples} replies per prompt, "
+                        f"temperature {recipe.pairs.temperature}) and labelled by the judge "
+                        f"'{recipe.pairs.judge}' ({recipe.pairs.selection}); written by `align pairs`."),
+        "license": "as the prompts' card and the policy model",
+        "source": {"path": "train.jsonl", "eval_path": "eval.jsonl"},
+        "format": "chosen_rejected",
+    }
+    return yaml.safe_dump(card, sort_keys=False)
+
+
+def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
+    """Sample, judge, select and publish a pairs dataset. Returns the artifact on the main process."""
+    card_path, data_parent = training.resolve_card(recipe, registry)
+    data = load_data(load_card(card_path), limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
+    start = models.resolve_starting_point(recipe, registry)
+    judge, judge_artifact = judges.load_judge(recipe.pairs.judge, registry)
+    device = detect_device()
+    recipe = resolve_device_defaults(recipe, device)
+    from accelerate import PartialState
+
+    state = PartialState()  # initialises the process group under `accelerate launch`
+    run_state = training.open_run(recipe, registry, start, data.summary(), device, False, data_parent)
+
+    chat_template = recipe.model.chat_template
+    tokenizer = models.load_tokenizer(start.base, chat_template, saved_in=start.parent.path if start.parent else None)
+    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision)).to(state.device)
+
+    # Each rank samples its own share of the prompts with its own seed; rank 0 collects them all.
+    rank, world = runtime.world()
+    seed = runtime.rank_seed(recipe.pairs.seed, "pairs")
+    started = time.time()
+    judged = {}
+    for split in ("train", "eval"):
+        prompts = [row["prompt"] for row in getattr(data, split)]
+        mine = _sample_and_judge(model, tokenizer, prompts[rank::world], judge, recipe, seed) if prompts else []
+        judged[split] = [item for part in runtime.gather_objects(mine) for item in part]
+    sampling_s = time.time() - started
+
+    rows = {split: [pair for item in items for pair in select_pairs(item["prompt"], item["replies"],
+                                                                      item["scores"], recipe.pairs)]
+            for split, items in judged.items()}
+    if not rows["train"]:
+        raise DataError(f"{recipe.path}: the judge found no pair above min_margin={recipe.pairs.min_margin}; "
+                        "sample more replies (pairs.num_samples) or lower the margin")
+    every_score = [s for items in judged.values() for item in items for s in item["scores"]]
+    pairs_all = rows["train"] + rows["eval"]
+    metrics = {
+        "prompts_train": len(judged["train"]),
+        "prompts_eval": len(judged["eval"]),
+        "pairs_train": len(rows["train"]),
+        "pairs_eval": len(rows["eval"]),
+        "judge_mean": sum(every_score) / len(every_score),
+        "chosen_mean": sum(p["chosen_score"] for p in pairs_all) / len(pairs_all),
+        "rejected_mean": sum(p["rejected_score"] for p in pairs_all) / len(pairs_all),
+        "sampling_s": round(sampling_s, 2),
+        "replies_per_second": round(len(every_score) / max(sampling_s, 1e-9), 2),
+    }
+    policy = start.parent.ref if start.parent else start.base.spec
+
+    def write_files(staging: Path) -> None:
+        for split, split_rows in rows.items():
+            with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+                for row in split_rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(staging / "samples.jsonl", "w", encoding="utf-8") as handle:
+            for split, items in judged.items():
+                for item in items:
+                    handle.write(json.dumps({"split": split, **item}, ensure_ascii=False) + "\n")
+        card = yaml.safe_load(_card_text(recipe, policy))
+        card["sha256"] = {name: sha256_file(staging / name) for name in ("train.jsonl", "eval.jsonl")}
+        (staging / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
+
+    settings = {"policy": policy, "judge": recipe.pairs.judge, **recipe.pairs.model_dump()}
+    extra = [(judge_artifact, "judge")] if judge_artifact else []
+    return training.publish(run_state, write_files=write_files, metrics=metrics, details={"pairs": settings},
+                            extra_parents=extra)

@@ -1,0 +1,71 @@
+"""`align dpo` and `align eval` on stories260K: DPO raises the judge's score of held-out continuations without
+buying it with broken text, and every loss TRL implements runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from align.artifacts import Registry
+from align.errors import RecipeError
+from align.recipe import DPO_LOSS_TYPES, load_recipe
+from tests.conftest import REPO
+
+TINY_DPO = REPO / "recipes" / "tiny" / "dpo.yaml"
+STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"
+
+
+def test_loss_types_match_trl() -> None:
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    source = Path(dpo_trainer.__file__).read_text()
+    assert set(re.findall(r'loss_type == "(\w+)"', source)) == set(DPO_LOSS_TYPES)
+
+
+def test_unknown_loss_type_is_a_recipe_error() -> None:
+    with pytest.raises(RecipeError, match=r"dpo.loss_type\[0\]: Input should be 'sigmoid', 'hinge'.*\(got 'sigmod'\)"):
+        load_recipe(TINY_DPO, ["dpo.loss_type=sigmod"])
+    with pytest.raises(RecipeError, match="loss_weights has 1 values for 2 loss types"):
+        load_recipe(TINY_DPO, ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0]"])
+
+
+@pytest.mark.slow
+def test_dpo_manifest_names_exact_parents(dpo_artifact: Path) -> None:
+    manifest = json.loads((dpo_artifact / "manifest.json").read_text())
+    assert [(p["role"], p["ref"]) for p in manifest["parents"]] == [("model", "tiny-sft@v2"),
+                                                                    ("data", "tiny-pairs@v1")]
+    assert manifest["dpo"]["beta"] == 0.3 and manifest["metrics"]["global_step"] == 200
+    assert manifest["metrics"]["eval_reward_accuracy"] > 0.6
+
+
+@pytest.mark.slow
+def test_dpo_raises_the_judge_score_without_breaking_text(dpo_artifact: Path, reward_artifact: Path,
+                                                           sft_registry: Path, run_align: Callable) -> None:
+    result = run_align("eval", "tiny-dpo@v1", "--data", STORY_PROMPTS, "--limit", "64", "--num-samples", "4",
+                       "--reward", "tiny-rm@latest", "--registry", sft_registry)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "±" in result.stdout  # the table prints every score with its standard error
+    report = json.loads((dpo_artifact / "eval.json").read_text())
+    assert report["prompts"] == 64 and report["samples"] == 256
+    # Plain TRL on this setup: +0.44..+0.60 VADER; garbled text at lr 5e-4 showed ref-NLL 1.78 -> 3.59.
+    assert report["judge_delta"] >= 0.25, report
+    assert report["policy"]["distinct_2"] >= 0.4
+    assert report["ref_nll_rise"] <= 0.3
+    assert report["policy"]["reward"] > report["parent_model"]["reward"] and report["win_rate"] > 0.5
+    assert 0 < report["kl"] < 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_every_loss_type_runs_a_step(loss_type: str, pairs_artifact: Path, sft_registry: Path) -> None:
+    from align.stages import dpo
+
+    recipe = load_recipe(TINY_DPO, [f"name=tiny-dpo-{loss_type.replace('_', '-')}", f"dpo.loss_type={loss_type}",
+                                    "train.max_steps=1", "data.limit=16", "data.eval_limit=8"], stage="dpo")
+    artifact = dpo.run(recipe, Registry(sft_registry), say=lambda _: None)
+    assert artifact.manifest["dpo"]["loss_type"] == [loss_type]
+    assert artifact.manifest["metrics"]["global_step"] == 1

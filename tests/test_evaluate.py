@@ -1,0 +1,54 @@
+"""The pure pieces of `align eval`, each against a hand-worked example."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.evaluate import distinct_n, mean_stderr, reply_logprobs, win_rate
+from align.generation import Sample
+
+
+def test_mean_stderr() -> None:
+    mean, stderr = mean_stderr([1.0, 2.0, 3.0, 4.0])
+    # sample variance of 1..4 is 5/3; stderr = sqrt(5/3 / 4)
+    assert mean == 2.5 and stderr == pytest.approx(math.sqrt(5 / 12))
+    assert mean_stderr([7.0]) == (7.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_stderr([])
+
+
+def test_distinct_2_sees_collapse() -> None:
+    assert distinct_n(["a b c", "a b d"]) == pytest.approx(3 / 4)  # bigrams ab, bc, ab, bd
+    assert distinct_n(["friend friend friend friend"]) == pytest.approx(1 / 3)
+    assert distinct_n(["one", ""]) == 0.0
+
+
+def test_win_rate_counts_ties_half() -> None:
+    assert win_rate([1.0, 0.0, 0.5], [0.0, 1.0, 0.5]) == pytest.approx(0.5)
+    assert win_rate([2.0, 2.0], [1.0, 1.0]) == 1.0
+    with pytest.raises(ValueError):
+        win_rate([1.0], [])
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token distribution depends only on the current token: p(next | t) from a table."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table.log(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_reply_logprobs_reads_the_reply_tokens_only() -> None:
+    table = torch.tensor([[0.25, 0.25, 0.5], [0.1, 0.6, 0.3], [0.7, 0.2, 0.1]])  # rows: current token
+    model = FixedLogits(table)
+    samples = [Sample("x", prompt_ids=[0, 1], reply_ids=[2, 0]), Sample("y", prompt_ids=[2], reply_ids=[1])]
+    got = reply_logprobs(model, samples, pad_id=0, batch_size=8)
+    # sample 1: p(2 | 1) = 0.3, p(0 | 2) = 0.7; sample 2 (padded in the batch): p(1 | 2) = 0.2
+    assert got[0] == pytest.approx([math.log(0.3), math.log(0.7)])
+    assert got[1] == pytest.approx([math.log(0.2)])
