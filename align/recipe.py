@@ -130,6 +130,8 @@ class DpoSection(_Section):
     def _weights_match(self) -> DpoSection:
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
         return self
 
 

@@ -35,7 +35,9 @@ HEADLINES = {
     "sft": ("eval_loss_before", "eval_loss"),
     "pairs": ("pairs_train", "pairs_eval", "judge_mean", "replies_per_second"),
     "reward": ("eval_accuracy_before", "eval_accuracy", "eval_pairs"),
+    "dpo": ("eval_reward_accuracy", "eval_reward_margin"),
 }
+DPO_RSS_TARGET = 1.3  # x the SFT run's peak RSS: the reference is the same weights, adapter disabled
 
 
 def headline(registry: Path, stage: str) -> str:
@@ -46,6 +48,14 @@ def headline(registry: Path, stage: str) -> str:
             metrics = manifest["metrics"]
             return ", ".join(f"{key} {metrics[key]:.3g}" for key in HEADLINES[stage])
     return "published nothing"
+
+
+def eval_headline(registry: Path, name: str) -> str:
+    report = json.loads(max(registry.glob(f"{name}/v*/eval.json")).read_text())
+    policy, parent = report["policy"], report["parent_model"]
+    return (f"judge {parent['judge']:+.3f} -> {policy['judge']:+.3f} ({report['judge_delta']:+.3f} ± "
+            f"{report['judge_delta_stderr']:.3f}), KL {report['kl']:.2f}, ref-NLL rise {report['ref_nll_rise']:+.3f}, "
+            f"distinct-2 {policy['distinct_2']:.2f}, win rate {report['win_rate']:.2f}")
 
 
 def cpu_name() -> str:
@@ -75,11 +85,21 @@ def main() -> None:
     chains = [("tiny", "recipes/tiny")] + ([("demo", "recipes/demo")] if args.demo else [])
     for label, recipes in chains:
         with tempfile.TemporaryDirectory() as registry:
-            for stage in ("sft", "pairs", "reward"):
+            peak = {}
+            for stage in ("sft", "pairs", "reward", "dpo"):
                 recipe = f"{recipes}/{stage}.yaml"
-                wall, rss, code = measure([align, stage, recipe, "--registry", registry], env)
+                wall, peak[stage], code = measure([align, stage, recipe, "--registry", registry], env)
                 result = headline(Path(registry), stage) if code == 0 else f"exit {code}"
-                rows.append((f"{label} {stage}: `{recipe}`", f"{wall:.1f} s", f"{rss:.0f} MiB", result))
+                rows.append((f"{label} {stage}: `{recipe}`", f"{wall:.1f} s", f"{peak[stage]:.0f} MiB", result))
+            card = "tiny-story-prompts" if label == "tiny" else "demo-prompts"
+            wall, rss, code = measure([align, "eval", f"{label}-dpo@latest", "--data", f"data_cards/{card}.yaml",
+                                       "--reward", f"{label}-rm@latest", "--registry", registry], env)
+            result = eval_headline(Path(registry), f"{label}-dpo") if code == 0 else f"exit {code}"
+            rows.append((f"{label} eval: {label}-dpo vs {label}-sft, 64 prompts x 4", f"{wall:.1f} s",
+                         f"{rss:.0f} MiB", result))
+            ratio = peak["dpo"] / peak["sft"]
+            rows.append((f"{label} DPO peak RSS / SFT peak RSS", f"{ratio:.2f}x", "-",
+                         "ok" if ratio <= DPO_RSS_TARGET else f"over the {DPO_RSS_TARGET}x target"))
 
     header = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}. Date: {dt.date.today().isoformat()}.")

@@ -31,6 +31,8 @@ def test_unknown_loss_type_is_a_recipe_error() -> None:
         load_recipe(TINY_DPO, ["dpo.loss_type=sigmod"])
     with pytest.raises(RecipeError, match="loss_weights has 1 values for 2 loss types"):
         load_recipe(TINY_DPO, ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0]"])
+    with pytest.raises(RecipeError, match="'exo_pair' needs label_smoothing > 0"):
+        load_recipe(TINY_DPO, ["dpo.loss_type=exo_pair"])
 
 
 @pytest.mark.slow
@@ -64,8 +66,10 @@ def test_dpo_raises_the_judge_score_without_breaking_text(dpo_artifact: Path, re
 def test_every_loss_type_runs_a_step(loss_type: str, pairs_artifact: Path, sft_registry: Path) -> None:
     from align.stages import dpo
 
+    smoothing = 1e-3 if loss_type == "exo_pair" else 0.0  # EXO requires it; TRL refuses 0
     recipe = load_recipe(TINY_DPO, [f"name=tiny-dpo-{loss_type.replace('_', '-')}", f"dpo.loss_type={loss_type}",
-                                    "train.max_steps=1", "data.limit=16", "data.eval_limit=8"], stage="dpo")
+                                    f"dpo.label_smoothing={smoothing}", "train.max_steps=1", "data.limit=16",
+                                    "data.eval_limit=8"], stage="dpo")
     artifact = dpo.run(recipe, Registry(sft_registry), say=lambda _: None)
     assert artifact.manifest["dpo"]["loss_type"] == [loss_type]
     assert artifact.manifest["metrics"]["global_step"] == 1

@@ -81,7 +81,8 @@ def test_pairs_artifact_is_a_loadable_card_with_held_out_prompts(pairs_artifact:
 
 def test_pairs_refuses_a_judge_that_does_not_import(tmp_path: Path, run_align: Callable, stories_dir: Path) -> None:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "pairs.yaml"
-    result = run_align("pairs", recipe, "--registry", tmp_path, "--set", "pairs.judge=nowhere_module:judge")
+    result = run_align("pairs", recipe, "--registry", tmp_path, "--set", "pairs.judge=nowhere_module:judge",
+                       "--set", "model.from=null", "--set", f"model.base={stories_dir}")
     assert result.returncode == 2 and "cannot import module 'nowhere_module'" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("*/v*"))
 
