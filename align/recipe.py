@@ -201,7 +201,9 @@ class Recipe(_Section):
         return path if path.is_absolute() else (self._path.parent / path).resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        """The recipe as data, with only the sections its stage uses (manifests, `recipe show`, hashing)."""
+        unused = set().union(*STAGE_SECTIONS.values()) - STAGE_SECTIONS[self.stage]
+        return self.model_dump(mode="json", by_alias=True, exclude=unused)
 
     def sha256(self) -> str:
         return sha256_json(self.to_dict())

@@ -192,6 +192,37 @@ def save_adapter(trainer: Any, run: StageRun) -> Path:
     return final
 
 
+def publish_adapter(trainer: Any, inputs: StageInputs, *, task_type: str, metrics: dict[str, Any],
+                    train_metrics: dict[str, Any], files: dict[str, Any] | None = None,
+                    adapter_extra: dict[str, Any] | None = None,
+                    details: dict[str, Any] | None = None) -> Artifact | None:
+    """Publish a trained LoRA adapter with its tokenizer, training log and the stage's own JSON `files`."""
+    recipe, data, run = inputs.recipe, inputs.data, inputs.run
+    metrics = {
+        **metrics,
+        "train_loss": train_metrics.get("train_loss"),
+        "train_runtime_s": train_metrics.get("train_runtime"),
+        "train_samples_per_second": train_metrics.get("train_samples_per_second"),
+        "global_step": trainer.state.global_step,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+    }
+    adapter_dir = save_adapter(trainer, run)
+
+    def write_files(staging: Path) -> None:
+        shutil.copytree(adapter_dir, staging / "adapter")
+        inputs.tokenizer.save_pretrained(str(staging))
+        write_json(staging / "log_history.json", trainer.state.log_history)
+        for name, content in (files or {}).items():
+            write_json(staging / name, content)
+
+    lora = recipe.lora
+    adapter = {"task_type": task_type, "r": lora.r, "lora_alpha": lora.lora_alpha,
+               "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
+               **(adapter_extra or {})}
+    return publish(run, write_files=write_files, metrics=metrics, details={"adapter": adapter, **(details or {})})
+
+
 def perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None

@@ -7,8 +7,6 @@ the weights); preference accuracy and margins on the eval split before and after
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 from align import models, runtime, training
@@ -53,21 +51,6 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "eval_reward_margin": after.get("eval_rewards/margins"),
         "eval_reward_chosen": after.get("eval_rewards/chosen"),
         "eval_reward_rejected": after.get("eval_rewards/rejected"),
-        "train_loss": train_metrics.get("train_loss"),
-        "train_runtime_s": train_metrics.get("train_runtime"),
-        "global_step": trainer.state.global_step,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
     }
-    adapter_dir = training.save_adapter(trainer, run_state)
-
-    def write_files(staging: Path) -> None:
-        shutil.copytree(adapter_dir, staging / "adapter")
-        tokenizer.save_pretrained(str(staging))
-        training.write_json(staging / "log_history.json", trainer.state.log_history)
-
-    lora = recipe.lora
-    adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
-               "target_modules": lora.target_modules, "chat_template": chat_template}
-    return training.publish(run_state, write_files=write_files, metrics=metrics,
-                            details={"adapter": adapter, "dpo": settings.model_dump()})
+    return training.publish_adapter(trainer, inputs, task_type="CAUSAL_LM", metrics=metrics,
+                                    train_metrics=train_metrics, details={"dpo": settings.model_dump()})

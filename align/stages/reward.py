@@ -7,8 +7,6 @@ lost, trl #1379); pairwise accuracy before/after on the eval split; publish adap
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 from align import models, runtime, scoring, training
@@ -64,26 +62,11 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     metrics = {
         **{f"eval_{key}": value for key, value in after.items()},
         "eval_accuracy_before": before["accuracy"],
-        "train_loss": train_metrics.get("train_loss"),
-        "train_runtime_s": train_metrics.get("train_runtime"),
-        "global_step": trainer.state.global_step,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
         "eval_rows_too_long": len(data.eval) - len(eval_rows),
     }
-    adapter_dir = training.save_adapter(trainer, run_state)
-
-    def write_files(staging: Path) -> None:
-        shutil.copytree(adapter_dir, staging / "adapter")
-        tokenizer.save_pretrained(str(staging))
-        training.write_json(staging / "eval_scores.json", [
-            {"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)
-        ])
-        training.write_json(staging / "log_history.json", trainer.state.log_history)
-
-    lora = recipe.lora
-    adapter = {"task_type": "SEQ_CLS", "r": lora.r, "lora_alpha": lora.lora_alpha,
-               "target_modules": lora.target_modules, "chat_template": chat_template,
-               "score_head": "saved in the adapter (modules_to_save)",
-               "normalisation": {"mean": after["reward_mean"], "std": after["reward_std"]}}
-    return training.publish(run_state, write_files=write_files, metrics=metrics, details={"adapter": adapter})
+    scores = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
+    normalisation = {"mean": after["reward_mean"], "std": after["reward_std"]}
+    return training.publish_adapter(trainer, inputs, task_type="SEQ_CLS", metrics=metrics,
+                                    train_metrics=train_metrics, files={"eval_scores.json": scores},
+                                    adapter_extra={"score_head": "saved in the adapter (modules_to_save)",
+                                                   "normalisation": normalisation})

@@ -6,8 +6,6 @@ eval loss and sample replies before training; train with checkpoints; the same a
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 from align import generation, models, runtime, training
@@ -59,26 +57,9 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "eval_loss": after.get("eval_loss"),
         "perplexity_before": training.perplexity(before.get("eval_loss")),
         "perplexity": training.perplexity(after.get("eval_loss")),
-        "train_loss": train_metrics.get("train_loss"),
-        "train_runtime_s": train_metrics.get("train_runtime"),
-        "train_samples_per_second": train_metrics.get("train_samples_per_second"),
-        "global_step": trainer.state.global_step,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
     }
-
-    adapter_dir = training.save_adapter(trainer, run_state)
-
-    def write_files(staging: Path) -> None:
-        shutil.copytree(adapter_dir, staging / "adapter")
-        tokenizer.save_pretrained(str(staging))
-        training.write_json(staging / "samples.json", [
-            {"prompt": prompt, "before": b, "after": a}
-            for prompt, b, a in zip(sample_prompts, replies_before, replies_after, strict=True)
-        ])
-        training.write_json(staging / "log_history.json", trainer.state.log_history)
-
-    lora = recipe.lora
-    adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
-               "target_modules": lora.target_modules, "chat_template": chat_template}
-    return training.publish(run_state, write_files=write_files, metrics=metrics, details={"adapter": adapter})
+    # Only the main process generated replies, and only it writes files.
+    sample_rows = [{"prompt": prompt, "before": b, "after": a} for prompt, b, a in
+                   zip(sample_prompts, replies_before, replies_after, strict=True)] if runtime.is_main_process() else []
+    return training.publish_adapter(trainer, inputs, task_type="CAUSAL_LM", metrics=metrics,
+                                    train_metrics=train_metrics, files={"samples.json": sample_rows})
