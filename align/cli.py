@@ -361,17 +361,15 @@ def data_validate(
 
 
 def _token_counter(tokenizer_spec: str, chat_template: str) -> Any:
-    from align.generation import to_plain_text_row
+    """Tokens of prompt + reply exactly as the trainers see them."""
     from align.models import load_tokenizer, resolve_base
+    from align.scoring import reward_input_ids
 
     tokenizer = load_tokenizer(resolve_base(tokenizer_spec, Path.cwd()), chat_template)
 
     def count(row: dict[str, Any]) -> int:
-        reply = row.get("completion") or row.get("chosen") or []
-        if chat_template == "none":
-            plain = to_plain_text_row(row)
-            return len(tokenizer(plain["prompt"] + plain.get("completion", plain.get("chosen", "")))["input_ids"])
-        return len(tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=True, return_dict=False))
+        return len(reward_input_ids(tokenizer, row["prompt"], row.get("completion") or row.get("chosen") or [],
+                                    chat_template))
 
     return count
 

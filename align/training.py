@@ -118,6 +118,23 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows:
     return StageInputs(recipe, data, run, tokenizer, model)
 
 
+def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *, task_type: str,
+                  **stage_config: Any) -> Any:
+    """A TRL trainer over the stage's rows with a fresh LoRA adapter; `stage_config` adds the stage's own
+    config fields to the shared TrainingArguments."""
+    recipe = inputs.recipe
+    config = config_cls(**trainer_args(inputs.run), max_length=recipe.train.max_length, **stage_config)
+    runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
+    return trainer_cls(
+        model=inputs.model,
+        args=config,
+        train_dataset=as_dataset(inputs.data.train, recipe.model.chat_template),
+        eval_dataset=as_dataset(inputs.data.eval, recipe.model.chat_template),
+        processing_class=inputs.tokenizer,
+        peft_config=models.lora_config(recipe.lora, task_type),
+    )
+
+
 def as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
     """Canonical rows as a `datasets.Dataset` in TRL's conversational form, or its plain-text form."""
     from datasets import Dataset

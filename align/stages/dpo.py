@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align import models, runtime, training
+from align import training
 from align.artifacts import Artifact, Registry
 from align.recipe import Recipe
 
@@ -17,28 +17,13 @@ from align.recipe import Recipe
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one DPO policy adapter. Returns the artifact on the main process, None elsewhere."""
     inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="preference")
-    recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
-    chat_template, settings = recipe.model.chat_template, recipe.dpo
+    recipe, run_state, settings = inputs.recipe, inputs.run, inputs.recipe.dpo
     from trl import DPOConfig, DPOTrainer
 
-    config = DPOConfig(
-        **training.trainer_args(run_state),
-        max_length=recipe.train.max_length,
-        beta=settings.beta,
-        loss_type=list(settings.loss_type),
-        loss_weights=settings.loss_weights,
-        label_smoothing=settings.label_smoothing,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
-    )
-    runtime.wait_for_everyone()
-    trainer = DPOTrainer(
-        model=inputs.model,
-        args=config,
-        train_dataset=training.as_dataset(data.train, chat_template),
-        eval_dataset=training.as_dataset(data.eval, chat_template),
-        processing_class=tokenizer,
-        peft_config=models.lora_config(recipe.lora, "CAUSAL_LM"),
-    )
+    trainer = training.build_trainer(DPOTrainer, DPOConfig, inputs, task_type="CAUSAL_LM",
+                                     beta=settings.beta, loss_type=list(settings.loss_type),
+                                     loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
+                                     precompute_ref_log_probs=settings.precompute_ref_log_probs)
 
     # Before training the policy is the reference: every implicit reward is 0, so this is the floor.
     before = trainer.evaluate()

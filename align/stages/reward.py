@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align import models, runtime, scoring, training
+from align import scoring, training
 from align.artifacts import Artifact, Registry
 from align.errors import DataError
 from align.recipe import Recipe
@@ -22,20 +22,9 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     chat_template = recipe.model.chat_template
     from trl import RewardConfig, RewardTrainer
 
-    config = RewardConfig(
-        **training.trainer_args(run_state),
-        max_length=recipe.train.max_length,
-        center_rewards_coefficient=recipe.reward.center_rewards_coefficient,
-    )
-    runtime.wait_for_everyone()
-    trainer = RewardTrainer(
-        model=inputs.model,
-        args=config,
-        train_dataset=training.as_dataset(data.train, chat_template),
-        eval_dataset=training.as_dataset(data.eval, chat_template),
-        processing_class=tokenizer,
-        peft_config=models.lora_config(recipe.lora, "SEQ_CLS"),
-    )
+    # SEQ_CLS makes PEFT train and save the score head with the adapter.
+    trainer = training.build_trainer(RewardTrainer, RewardConfig, inputs, task_type="SEQ_CLS",
+                                     center_rewards_coefficient=recipe.reward.center_rewards_coefficient)
 
     # Judge on the eval pairs the trainer itself keeps: TRL drops pairs longer than max_length.
     max_length = recipe.train.max_length

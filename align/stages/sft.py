@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align import generation, models, runtime, training
+from align import generation, runtime, training
 from align.artifacts import Artifact, Registry
 from align.recipe import Recipe
 
@@ -20,21 +20,9 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     chat_template = recipe.model.chat_template
     from trl import SFTConfig, SFTTrainer
 
-    config = SFTConfig(
-        **training.trainer_args(run_state),
-        max_length=recipe.train.max_length,
-        packing=recipe.train.packing,
-        completion_only_loss=recipe.sft.completion_only_loss,
-    )
-    runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
-    trainer = SFTTrainer(
-        model=inputs.model,
-        args=config,
-        train_dataset=training.as_dataset(data.train, chat_template),
-        eval_dataset=training.as_dataset(data.eval, chat_template),
-        processing_class=tokenizer,
-        peft_config=models.lora_config(recipe.lora, "CAUSAL_LM"),
-    )
+    trainer = training.build_trainer(SFTTrainer, SFTConfig, inputs, task_type="CAUSAL_LM",
+                                     packing=recipe.train.packing,
+                                     completion_only_loss=recipe.sft.completion_only_loss)
 
     sample_prompts = [row["prompt"] for row in data.eval[: recipe.sft.num_samples]]
 
