@@ -32,36 +32,40 @@ test: setup
 
 demo: setup
 	$(MAKE) --no-print-directory pipeline RECIPES=recipes/demo
-	@echo "demo artifacts:"; $(ALIGN) artifacts list --registry $(REGISTRY)
 
-# The stage chain for one recipe set: sft -> pairs -> reward -> dpo -> eval. A stamp is written after each
-# publish, so a stage re-runs only when its recipe, a data card, align's code or an upstream stage changed.
-SOURCES   := $(wildcard data_cards/*.yaml data_cards/demo/*) $(wildcard align/*.py align/*/*.py)
+# The stage chain for one recipe set: sft -> pairs -> reward -> dpo and ppo -> eval of each policy -> the
+# comparison table and the HTML report. A stamp is written after each publish, beside a `.d` file from
+# `align recipe deps` naming the recipe, its data card and the card's files; so a stage re-runs only when one
+# of those or an upstream stage changed (after a change to align's code, force a re-run: make -B pipeline).
+# Extra arguments per stage: ARGS_sft, ARGS_pairs, ARGS_reward, ARGS_dpo, ARGS_ppo (--set KEY=VALUE ...), EVAL_ARGS.
 SET       := $(notdir $(RECIPES))
 EVAL_CARD := $(if $(findstring tiny,$(SET)),data_cards/tiny-story-prompts.yaml,data_cards/demo-prompts.yaml)
+REPORT    := $(REGISTRY)/report-$(SET).html
 
-pipeline: setup $(STAMPS)/eval.done
+pipeline: setup $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done $(REPORT)
+	@$(ALIGN) compare $(SET)-dpo@latest $(SET)-ppo@latest --registry $(REGISTRY)
+	@echo "report: $(REPORT)"
 
-$(STAMPS)/sft.done: $(RECIPES)/sft.yaml $(SOURCES)
-	$(ALIGN) sft $< --registry $(REGISTRY)
-	mkdir -p $(@D) && touch $@
+# $(call stage,NAME,UPSTREAM STAGES): run `align NAME` on $(RECIPES)/NAME.yaml after its upstream stages.
+define stage
+$(STAMPS)/$(1).done: $(RECIPES)/$(1).yaml $(foreach up,$(2),$(STAMPS)/$(up).done)
+	$(ALIGN) $(1) $$< --registry $(REGISTRY) $$(ARGS_$(1))
+	mkdir -p $$(@D) && $(ALIGN) recipe deps $$< --target $$@ $$(ARGS_$(1)) > $$(@:.done=.d) && touch $$@
+endef
+$(eval $(call stage,sft,))
+$(eval $(call stage,pairs,sft))
+$(eval $(call stage,reward,sft pairs))
+$(eval $(call stage,dpo,sft pairs))
+$(eval $(call stage,ppo,sft reward))
+-include $(wildcard $(STAMPS)/*.d)
 
-$(STAMPS)/pairs.done: $(RECIPES)/pairs.yaml $(STAMPS)/sft.done $(SOURCES)
-	$(ALIGN) pairs $< --registry $(REGISTRY)
+# Each policy against its SFT parent on held-out prompts (align eval writes eval.json into the artifact).
+$(STAMPS)/eval-%.done: $(STAMPS)/%.done $(STAMPS)/reward.done $(EVAL_CARD)
+	$(ALIGN) eval $(SET)-$*@latest --data $(EVAL_CARD) --reward $(SET)-rm@latest --registry $(REGISTRY) $(EVAL_ARGS)
 	touch $@
 
-$(STAMPS)/reward.done: $(RECIPES)/reward.yaml $(STAMPS)/pairs.done $(SOURCES)
-	$(ALIGN) reward $< --registry $(REGISTRY)
-	touch $@
-
-$(STAMPS)/dpo.done: $(RECIPES)/dpo.yaml $(STAMPS)/pairs.done $(SOURCES)
-	$(ALIGN) dpo $< --registry $(REGISTRY)
-	touch $@
-
-# The before/after table: the DPO policy against its SFT parent on held-out prompts.
-$(STAMPS)/eval.done: $(STAMPS)/dpo.done $(STAMPS)/reward.done
-	$(ALIGN) eval $(SET)-dpo@latest --data $(EVAL_CARD) --reward $(SET)-rm@latest --registry $(REGISTRY)
-	touch $@
+$(REPORT): $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done
+	$(ALIGN) report --registry $(REGISTRY) --out $@
 
 lint: setup
 	$(BIN)/ruff check align tests data_cards bench

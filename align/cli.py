@@ -127,6 +127,27 @@ def dpo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = Fa
 
 
 @app.command()
+def ppo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+        registry: RegistryOpt = None) -> None:
+    """PPO from an SFT artifact with a reward artifact: policy, value and reward adapters on one base model."""
+    _run_stage("ppo", recipe_path, overrides, resume, registry)
+
+
+@app.command()
+def grpo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+         registry: RegistryOpt = None) -> None:
+    """GRPO (TRL): group-relative policy optimisation with a reward artifact and/or a reward function."""
+    _run_stage("grpo", recipe_path, overrides, resume, registry)
+
+
+@app.command()
+def rloo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+         registry: RegistryOpt = None) -> None:
+    """RLOO (TRL): REINFORCE with a leave-one-out baseline, with a reward artifact and/or a reward function."""
+    _run_stage("rloo", recipe_path, overrides, resume, registry)
+
+
+@app.command()
 def pairs(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
     """Preference pairs: sample K replies per prompt from a policy, label them with a judge -> a versioned card."""
     _run_stage("pairs", recipe_path, overrides, False, registry)
@@ -245,6 +266,49 @@ def eval_(
     _console().print(f"saved {reg.resolve(ref).path / 'eval.json'}")
 
 
+@app.command()
+def compare(
+    refs: Annotated[list[str], typer.Argument(help="Policy artifacts that `align eval` has evaluated.",
+                                              show_default=False)],
+    registry: RegistryOpt = None,
+) -> None:
+    """One table of policies and their common parent from their eval.json: judge, reward, KL, length, fluency."""
+    import json
+
+    from rich.table import Table
+
+    reg = _registry(registry)
+    results = []
+    for ref in refs:
+        artifact = reg.resolve(ref)
+        path = artifact.path / "eval.json"
+        if not path.is_file():
+            raise AlignError(f"{artifact.ref} has no eval.json; run `align eval {artifact.ref} --data CARD` first")
+        results.append(json.loads(path.read_text(encoding="utf-8")))
+    first = results[0]
+    table = Table(title=f"{first['prompts']} held-out prompts x {first['settings']['num_samples']} samples, judge "
+                        f"{first['settings']['judge']}, seed {first['settings']['seed']}")
+    for column in ("model", "judge", "reward", "KL to parent", "length", "distinct-2", "ref NLL/token"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def row(name: str, side: dict[str, Any], kl: str) -> None:
+        reward = f"{side['reward']:+.3f} ± {side['reward_stderr']:.3f}" if "reward" in side else "-"
+        table.add_row(name, f"{side['judge']:+.3f} ± {side['judge_stderr']:.3f}", reward, kl,
+                      f"{side['length_tokens']:.1f}", f"{side['distinct_2']:.3f}", f"{side['ref_nll_per_token']:.3f}")
+
+    parents = {result["parent"] for result in results}
+    for parent in sorted(parents):
+        side = next(r["parent_model"] for r in results if r["parent"] == parent)
+        row(f"{parent} (parent)", side, "0")
+    for result in results:
+        row(result["artifact"], result["policy"], f"{result['kl']:.3f} ± {result['kl_stderr']:.3f}")
+    _console().print(table)
+    settings = {json.dumps({k: v for k, v in r["settings"].items() if k != "reward"}, sort_keys=True)
+                for r in results}
+    if len(parents) > 1 or len(settings) > 1:
+        _console().print("[yellow]note: these evaluations differ in parent or settings; compare with care[/yellow]")
+
+
 def _examples_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
@@ -281,6 +345,36 @@ def _eval_table(result: dict[str, Any]) -> Any:
     return table
 
 
+@app.command()
+def report(
+    refs: Annotated[list[str] | None, typer.Argument(help="Artifacts to include (NAME@vN, NAME@latest, NAME); "
+                                                          "default: the latest version of every name.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+    registry: RegistryOpt = None,
+) -> None:
+    """One self-contained HTML file: curves, lineage, metrics, reward-KL frontier and samples of artifacts."""
+    from align.report import write_report
+
+    path = write_report(_registry(registry), refs or [], out)
+    _console().print(f"wrote {path}")
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(help="Artifact: NAME@vN, NAME@latest, NAME or a path.", show_default=False)],
+    merge: Annotated[Path, typer.Option("--merge", help="Directory to write the merged Hugging Face model into.",
+                                        show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """A plain Hugging Face model directory with every adapter of the chain merged (reward: sequence classifier)."""
+    from align.export import export_merged
+
+    reg = _registry(registry)
+    path = export_merged(reg.resolve(ref), reg, merge, force=force)
+    _console().print(f"exported {reg.resolve(ref).ref} -> {path}")
+
+
 # ---- recipe ------------------------------------------------------------------------------------------------
 
 
@@ -314,6 +408,35 @@ def recipe_show(
     if resolved:
         recipe = resolve_device_defaults(recipe, detect_device())
     typer.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
+
+
+@recipe_app.command("deps")
+def recipe_deps(
+    recipe_path: RecipeArg,
+    target: Annotated[str, typer.Option(help="The make target these files are prerequisites of.")],
+    overrides: SetOpt = None,
+) -> None:
+    """Print a Makefile rule: TARGET depends on the recipe, its data card and the card's files (as `gcc -MD`
+    does for headers), so `make pipeline` re-runs a stage when one of them changes. Artifact references
+    (`from: NAME@latest`, `card: NAME@vN`) are upstream stages, which the Makefile orders itself."""
+    from align.data import card_files, load_card
+    from align.models import resolve_base
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    files = [recipe.path]
+    if "@" not in recipe.data.card:
+        card = load_card(recipe.relative_path(recipe.data.card))
+        files += [card.path, *card_files(card)]
+    if recipe.model.base is not None:
+        base = resolve_base(recipe.model.base, recipe.path.parent, recipe.model.revision)
+        if base.kind != "hub":
+            root = Path(base.location)
+            files += [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
+    names = [os.path.relpath(path) if str(path).startswith(os.getcwd()) else str(path) for path in files]
+    typer.echo(f"{target}: {' '.join(names)}")
+    for name in names:  # a deleted prerequisite then re-runs the stage instead of stopping make
+        typer.echo(f"{name}:")
 
 
 # ---- data --------------------------------------------------------------------------------------------------

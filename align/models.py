@@ -281,6 +281,18 @@ def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None)
     return load_artifact_model(artifact, registry, dtype, head="score")
 
 
+def decoder(model: Any) -> Any:
+    """The transformer body (embeddings -> final norm) under any PEFT wrapper and task head: callers that need
+    logits at a few positions apply `lm_head` to those alone instead of to every position."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()
+
+
+def lm_head(model: Any) -> Any:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_output_embeddings()
+
+
 def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM") -> LoraConfig:
     from peft import LoraConfig
 

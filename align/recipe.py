@@ -18,13 +18,16 @@ from align.errors import RecipeError
 from align.hashing import sha256_json
 from align.yamlio import describe_validation_error, load_yaml
 
-Stage = Literal["sft", "reward", "pairs", "dpo"]
+Stage = Literal["sft", "reward", "pairs", "dpo", "ppo", "grpo", "rloo"]
 # Sections a recipe may set for each stage (stage, name, description, model, data, output always apply).
 STAGE_SECTIONS: dict[str, set[str]] = {
     "sft": {"lora", "train", "sft", "launch"},
     "reward": {"lora", "train", "reward", "launch"},
     "pairs": {"pairs", "launch"},
     "dpo": {"lora", "train", "dpo", "launch"},
+    "ppo": {"lora", "train", "ppo", "launch"},
+    "grpo": {"lora", "train", "grpo", "launch"},
+    "rloo": {"lora", "train", "rloo", "launch"},
 }
 # The loss types TRL 1.16's DPOTrainer implements (tests check this list against TRL's source).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -151,6 +154,74 @@ class PairsSection(_Section):
     seed: int = 0
 
 
+class _RlSection(_Section):
+    """What online RL stages share: how replies are sampled and what rewards them."""
+
+    reward_model: str | None = Field(None, description="Reward artifact NAME@vN (or, with ppo.models: separate, a "
+                                                       "Hugging Face sequence-classification model directory)")
+    reward_function: str | None = Field(None, description="Extra reward: vader | package.module:function(prompts, "
+                                                          "replies) -> list[float]")
+    reward_function_weight: float = Field(1.0, description="Weight of reward_function beside the reward model")
+    normalize_reward: bool = Field(True, description="Standardise reward-model scores with the mean/std the "
+                                                     "reward artifact recorded on its eval pairs")
+    max_new_tokens: int = Field(48, gt=0, description="Reply length limit; sampling also stops at EOS")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the reward of replies cut "
+                                                                      "off at max_new_tokens (no EOS)")
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> _RlSection:
+        if self.reward_model is None and self.reward_function is None:
+            raise ValueError("give a reward: 'reward_model' (a reward artifact), 'reward_function', or both")
+        return self
+
+
+class PpoSection(_RlSection):
+    """PPO for RLHF (Ouyang et al. 2022; Huang et al. 2024): one base model, policy/value/reward adapters,
+    the reference is the base with adapters off. Optimizer steps per rollout = num_ppo_epochs x
+    rollout_batch_size / (per_device_train_batch_size x gradient_accumulation_steps)."""
+
+    models: Literal["shared", "separate"] = Field(
+        "shared", description="shared: one copy of the weights, roles switch adapters; separate: four models")
+    rollout_batch_size: int = Field(32, gt=0, description="Prompts sampled per PPO step, per process")
+    num_ppo_epochs: int = Field(2, gt=0, description="Passes over each rollout batch")
+    kl_coef: float = Field(0.1, gt=0, description="Per-token KL penalty against the reference (kept on: "
+                                                  "without it the policy games the reward model)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="k1: log-ratio; k3: (r - 1) - log r, never negative")
+    target_kl: float | None = Field(None, gt=0, description="Adaptive KL controller: nats per reply to aim for")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive controller horizon, in replies")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    whiten_rewards: bool = False
+    value_from_reward: bool = Field(True, description="Initialise the value adapter and head from the reward "
+                                                      "model (InstructGPT); else a fresh adapter and a zero head")
+
+
+class GrpoSection(_RlSection):
+    """TRL's GRPOTrainer: group-relative advantages, no value model."""
+
+    beta: float = Field(0.1, gt=0, description="KL coefficient (TRL defaults to 0; kept on here: see README)")
+    num_generations: int = Field(4, ge=2, description="Replies per prompt forming one group")
+    epsilon: float = Field(0.2, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+
+class RlooSection(_RlSection):
+    """TRL's RLOOTrainer: REINFORCE with a leave-one-out baseline, no value model."""
+
+    beta: float = Field(0.1, gt=0, description="KL coefficient")
+    num_generations: int = Field(4, ge=2, description="Replies per prompt; each is baselined by the others")
+    epsilon: float = Field(0.2, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    normalize_advantages: bool = False
+
+
 class LaunchSection(_Section):
     num_processes: int = Field(1, gt=0, description="Above 1: align re-launches itself with `accelerate launch`")
     accelerate_config: str | None = Field(None, description="Accelerate config file (recipes/accelerate/*.yaml)")
@@ -172,6 +243,9 @@ class Recipe(_Section):
     reward: RewardSection = Field(default_factory=RewardSection)
     pairs: PairsSection = Field(default_factory=PairsSection)
     dpo: DpoSection = Field(default_factory=DpoSection)
+    ppo: PpoSection | None = None
+    grpo: GrpoSection | None = None
+    rloo: RlooSection | None = None
     launch: LaunchSection = Field(default_factory=LaunchSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -184,6 +258,9 @@ class Recipe(_Section):
             if section in self.model_fields_set:
                 raise ValueError(f"section '{section}' does not apply to stage '{self.stage}' "
                                  f"(it takes: {', '.join(sorted(allowed))})")
+        if self.stage in ("ppo", "grpo", "rloo") and getattr(self, self.stage) is None:
+            raise ValueError(f"stage '{self.stage}' needs a '{self.stage}' section naming at least its reward "
+                             f"(e.g. {self.stage}: {{reward_model: NAME@latest}})")
         return self
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 

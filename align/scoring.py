@@ -20,10 +20,26 @@ def reward_input_ids(tokenizer: Any, prompt: list[Message], reply: list[Message]
     return tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
 
 
+def reward_batch(tokenizer: Any, items: list[tuple[list[Message], list[Message]]], chat_template: str,
+                 max_length: int | None = None) -> tuple[Any, Any]:
+    """input_ids and attention_mask [B, T] of (prompt, reply) items, right-padded, so each row's last real
+    token is where its score is read. Longer than `max_length`, a sequence loses its beginning: the reply,
+    which the score is about, stays."""
+    import torch
+
+    ids = [reward_input_ids(tokenizer, p, r, chat_template)[-max_length if max_length else 0:] for p, r in items]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
+    attention = torch.zeros((len(ids), width), dtype=torch.long)  # [B, T]
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+    return input_ids, attention
+
+
 def score_replies(model: Any, tokenizer: Any, items: list[tuple[list[Message], list[Message]]], *,
                   chat_template: str, batch_size: int = 16, max_length: int | None = None) -> list[float]:
-    """The scalar reward of each (prompt, reply); right padding, so the score is read at the last real token.
-    Longer than `max_length`, a sequence loses its beginning: the reply, which the score is about, stays."""
+    """The scalar reward of each (prompt, reply), batched as `reward_batch` lays them out."""
     import torch
 
     device = next(model.parameters()).device
@@ -32,14 +48,7 @@ def score_replies(model: Any, tokenizer: Any, items: list[tuple[list[Message], l
     model.eval()
     try:
         for start in range(0, len(items), batch_size):
-            ids = [reward_input_ids(tokenizer, p, r, chat_template)[-max_length if max_length else 0:]
-                   for p, r in items[start:start + batch_size]]
-            width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
-            attention = torch.zeros((len(ids), width), dtype=torch.long)  # [B, T]
-            for row, seq in enumerate(ids):
-                input_ids[row, : len(seq)] = torch.tensor(seq)
-                attention[row, : len(seq)] = 1
+            input_ids, attention = reward_batch(tokenizer, items[start:start + batch_size], chat_template, max_length)
             with torch.no_grad():
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # [B, 1]
             scores.extend(logits[:, 0].float().tolist())

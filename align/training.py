@@ -21,7 +21,7 @@ import yaml
 from align import models, runtime
 from align.artifacts import REQUIRED_MANIFEST_KEYS, Artifact, Registry, git_state, package_versions, parent_entry
 from align.data import LoadedData, get_format, load_card, load_data
-from align.errors import DataError, StageInterrupted
+from align.errors import DataError, RecipeError, StageInterrupted
 from align.generation import to_plain_text_row
 from align.hashing import sha256_json
 from align.models import StartingPoint
@@ -91,10 +91,31 @@ class StageInputs:
 _FORMAT_KINDS = {"sft": "conversations to imitate", "preference": "chosen/rejected pairs", "prompts": "prompts"}
 
 
+# Experiment trackers `train.report_to` may name, and the module each needs (none is a dependency of align).
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+                   "mlflow": ("mlflow",), "comet_ml": ("comet_ml",)}
+
+
+def trackers(report_to: list[str]) -> list[str]:
+    """The trackers a recipe asks for, each checked to be installed, so a typo or a missing package is a recipe
+    error before any model loads rather than a failure after training."""
+    import importlib.util
+
+    chosen = [name for name in report_to if name != "none"]
+    for name in chosen:
+        if name not in TRACKER_MODULES:
+            raise RecipeError(f"train.report_to: unknown tracker '{name}' (known: none, {', '.join(TRACKER_MODULES)})")
+        if not any(importlib.util.find_spec(module) for module in TRACKER_MODULES[name]):
+            raise RecipeError(f"train.report_to: {name} is not installed here (pip install {name}), "
+                              "or remove it from report_to")
+    return chosen
+
+
 def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows: str,
             head: str = "causal_lm") -> StageInputs:
     """Load data (checking it is the kind of rows the stage needs) and references before any slow import,
     then resolve device defaults, open the run directory and load tokenizer and starting model."""
+    trackers(recipe.train.report_to)
     card_path, data_parent = resolve_card(recipe, registry)
     card = load_card(card_path)
     kind = get_format(card.format).kind
@@ -288,6 +309,10 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
         assert not missing, f"manifest lacks {missing}"
         with run.registry.staging(recipe.name) as staging:
             write_files(staging)
+            # Tracker logs (TensorBoard event files) of the run: TRL's under checkpoints/runs, ours under logs/.
+            for logs in (run.run_dir / "logs", run.checkpoints / "runs"):
+                if logs.is_dir():
+                    shutil.copytree(logs, staging / "logs", dirs_exist_ok=True)
             write_json(staging / "metrics.json", metrics)
             (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
             artifact = run.registry.publish(staging, recipe.name, manifest)

@@ -36,8 +36,11 @@ HEADLINES = {
     "pairs": ("pairs_train", "pairs_eval", "judge_mean", "replies_per_second"),
     "reward": ("eval_accuracy_before", "eval_accuracy", "eval_pairs"),
     "dpo": ("eval_reward_accuracy", "eval_reward_margin"),
+    "ppo": ("eval_score_before", "eval_score", "kl_last"),
 }
 DPO_RSS_TARGET = 1.3  # x the SFT run's peak RSS: the reference is the same weights, adapter disabled
+PPO_RSS_TARGET = 0.4  # x the peak RSS of the same PPO holding four model copies (policy, reference, value, reward)
+PPO_MEMORY_STEPS = 2
 
 
 def headline(registry: Path, stage: str) -> str:
@@ -56,6 +59,21 @@ def eval_headline(registry: Path, name: str) -> str:
     return (f"judge {parent['judge']:+.3f} -> {policy['judge']:+.3f} ({report['judge_delta']:+.3f} ± "
             f"{report['judge_delta_stderr']:.3f}), KL {report['kl']:.2f}, ref-NLL rise {report['ref_nll_rise']:+.3f}, "
             f"distinct-2 {policy['distinct_2']:.2f}, win rate {report['win_rate']:.2f}")
+
+
+def ppo_memory_row(align: str, env: dict[str, str], label: str, recipe: str, registry: str) -> tuple[str, ...]:
+    """Peak RSS of `align ppo` (adapters on one base) over the same PPO with four separate model copies."""
+    peaks = {}
+    for models in ("shared", "separate"):
+        _, peaks[models], code = measure([align, "ppo", recipe, "--registry", registry, "--set", f"ppo.models={models}",
+                                          "--set", f"train.max_steps={PPO_MEMORY_STEPS}",
+                                          "--set", f"name={label}-ppo-{models}"], env)
+        if code:
+            return (f"{label} PPO memory, ppo.models={models}", "-", "-", f"exit {code}")
+    ratio = peaks["shared"] / peaks["separate"]
+    return (f"{label} PPO peak RSS: one base + adapters / four model copies ({PPO_MEMORY_STEPS} steps)",
+            f"{ratio:.2f}x", f"{peaks['shared']:.0f} / {peaks['separate']:.0f} MiB",
+            "ok" if ratio <= PPO_RSS_TARGET else f"over the {PPO_RSS_TARGET}x target")
 
 
 def cpu_name() -> str:
@@ -86,20 +104,27 @@ def main() -> None:
     for label, recipes in chains:
         with tempfile.TemporaryDirectory() as registry:
             peak = {}
-            for stage in ("sft", "pairs", "reward", "dpo"):
+            total = 0.0
+            for stage in ("sft", "pairs", "reward", "dpo", "ppo"):
                 recipe = f"{recipes}/{stage}.yaml"
                 wall, peak[stage], code = measure([align, stage, recipe, "--registry", registry], env)
+                total += wall
                 result = headline(Path(registry), stage) if code == 0 else f"exit {code}"
                 rows.append((f"{label} {stage}: `{recipe}`", f"{wall:.1f} s", f"{peak[stage]:.0f} MiB", result))
             card = "tiny-story-prompts" if label == "tiny" else "demo-prompts"
-            wall, rss, code = measure([align, "eval", f"{label}-dpo@latest", "--data", f"data_cards/{card}.yaml",
-                                       "--reward", f"{label}-rm@latest", "--registry", registry], env)
-            result = eval_headline(Path(registry), f"{label}-dpo") if code == 0 else f"exit {code}"
-            rows.append((f"{label} eval: {label}-dpo vs {label}-sft, 64 prompts x 4", f"{wall:.1f} s",
-                         f"{rss:.0f} MiB", result))
+            for policy in ("dpo", "ppo"):
+                wall, rss, code = measure([align, "eval", f"{label}-{policy}@latest", "--data",
+                                           f"data_cards/{card}.yaml", "--reward", f"{label}-rm@latest",
+                                           "--registry", registry], env)
+                total += wall
+                result = eval_headline(Path(registry), f"{label}-{policy}") if code == 0 else f"exit {code}"
+                rows.append((f"{label} eval: {label}-{policy} vs {label}-sft, 64 prompts x 4", f"{wall:.1f} s",
+                             f"{rss:.0f} MiB", result))
+            rows.append((f"{label} chain, sft to both evals", f"{total / 60:.1f} min", "-", ""))
             ratio = peak["dpo"] / peak["sft"]
             rows.append((f"{label} DPO peak RSS / SFT peak RSS", f"{ratio:.2f}x", "-",
                          "ok" if ratio <= DPO_RSS_TARGET else f"over the {DPO_RSS_TARGET}x target"))
+            rows.append(ppo_memory_row(align, env, label, f"{recipes}/ppo.yaml", registry))
 
     header = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}. Date: {dt.date.today().isoformat()}.")

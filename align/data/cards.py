@@ -286,6 +286,13 @@ def _resolve(card: DataCard, spec: str | list[str], key: str) -> list[Path]:
     return files
 
 
+def card_files(card: DataCard) -> list[Path]:
+    """The local files a card reads (none for a hub dataset): what a build system must watch."""
+    source = card.source
+    files = _resolve(card, source.path, "path") if source.path is not None else []
+    return files + (_resolve(card, source.eval_path, "eval_path") if source.eval_path is not None else [])
+
+
 def _verify_hashes(card: DataCard, files: list[Path]) -> list[dict]:
     """sha256 of every file read; digests listed in the card must match."""
     digests = {path.resolve(): sha256_file(path) for path in files}

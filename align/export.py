@@ -1,0 +1,183 @@
+"""`align export REF --merge OUT`: an artifact as a plain Hugging Face model directory, every adapter merged.
+
+Serving stacks and users without PEFT or align load the result with `AutoModelForCausalLM` (policies) or
+`AutoModelForSequenceClassification` (reward models); it is written next to OUT and renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from align.artifacts import Artifact, Registry
+
+EXPORT_FILE = "align_export.json"
+# Stages whose adapter carries a scalar score head instead of a language-model head.
+_SCORE_STAGES = ("reward",)
+
+
+def export_merged(artifact: Artifact, registry: Registry, out: Path, *, force: bool = False) -> Path:
+    """Write `artifact` (its base, its adapter chain and its own adapter, all merged) to the directory `out`.
+
+    Refuses an artifact without an adapter and an existing non-empty `out` (unless `force`); `out` only ever
+    holds a complete export: the new one replaces the old one after it is fully written. Returns `out`.
+    """
+    out = Path(out).expanduser().absolute()
+    _check_exportable(artifact)
+    _check_target(out, artifact, registry, force)
+    # A sibling, so the final rename stays on one filesystem and is atomic; hidden, so nobody mistakes it for OUT.
+    scratch = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch.mkdir()
+    except OSError as exc:
+        raise ArtifactError(f"--merge {out}: cannot create a directory next to it: {exc.strerror or exc}") from None
+    try:
+        _write_export(artifact, registry, scratch)
+        _move_into_place(scratch, out)
+    except BaseException:  # KeyboardInterrupt too: a half-written export must not linger
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_exportable(artifact: Artifact) -> None:
+    if not (artifact.adapter_path / "adapter_config.json").is_file():
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact with no adapter "
+                            f"({artifact.adapter_path} is missing); only trained models can be exported")
+
+
+def _check_target(out: Path, artifact: Artifact, registry: Registry, force: bool) -> None:
+    """Refuse an OUT that would lose data: a file, a non-empty directory without --force, or a place where
+    --force would delete the artifact, the registry or the base model it is built from."""
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--merge {out}: is a file, not a directory; choose a directory path")
+    base = artifact.manifest.get("base_model") or {}
+    sources = [artifact.path.resolve()]
+    if base.get("kind") == "local" and base.get("location"):
+        sources.append(Path(base["location"]).resolve())
+    real = out.resolve()
+    # Replacing OUT deletes everything under it; writing inside a source would change what it holds.
+    for path in [*sources, registry.root.resolve()]:
+        if path.is_relative_to(real) or (path in sources and real.is_relative_to(path)):
+            raise ArtifactError(f"--merge {out}: overlaps {path}, which the export reads from; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"--merge {out}: directory exists and is not empty; pass --force to replace it")
+
+
+def _write_export(artifact: Artifact, registry: Registry, target: Path) -> None:
+    """Merge, then save weights, tokenizer, generation config and provenance into the empty dir `target`."""
+    head = "score" if artifact.manifest.get("stage") in _SCORE_STAGES else "causal_lm"
+    model, tokenizer = _merged_model(artifact, registry, head)
+    _align_special_tokens(model, tokenizer, head)
+    model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    if head == "causal_lm" and not (target / "generation_config.json").exists():
+        # save_pretrained writes it for models that can generate; make sure, as serving stacks read it for stop ids.
+        # (A sequence classifier gets none: it cannot generate, so one would only mislead.)
+        model.generation_config.save_pretrained(str(target))
+    (target / EXPORT_FILE).write_text(json.dumps(_provenance(artifact, model, head), indent=2, ensure_ascii=False,
+                                                 default=str) + "\n", encoding="utf-8")
+
+
+def _merged_model(artifact: Artifact, registry: Registry, head: str
+                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The artifact's model exactly as align loads it (base + merged chain + own adapter), own adapter merged."""
+    from align.models import load_artifact_model, load_reward_model
+
+    dtype = _trained_dtype(artifact)
+    if head == "score":
+        # load_reward_model restores the trained score head (saved through modules_to_save) and sets pad_token_id.
+        peft_model, _ = load_reward_model(artifact, registry, dtype)
+    else:
+        peft_model, _ = load_artifact_model(artifact, registry, dtype)
+    # merge_and_unload also swaps each modules_to_save wrapper (the score head) for its trained copy.
+    return peft_model.merge_and_unload(), _artifact_tokenizer(artifact)
+
+
+def _trained_dtype(artifact: Artifact) -> Any:
+    """The precision the adapter was trained against, so the merged weights are the ones it saw; 'auto' (or an
+    older manifest) keeps the base's stored dtype."""
+    from align.models import torch_dtype
+
+    precision = ((artifact.manifest.get("recipe") or {}).get("train") or {}).get("precision")
+    return torch_dtype(precision) if precision in ("fp32", "bf16", "fp16") else None
+
+
+def _artifact_tokenizer(artifact: Artifact) -> PreTrainedTokenizerBase:
+    """The tokenizer saved at the artifact root, as trained: 'none' adds no chat template, where the 'auto' of
+    load_artifact_model would add align's default one to a tokenizer trained without any."""
+    from align.models import BaseModelSpec, load_tokenizer
+
+    return load_tokenizer(BaseModelSpec.from_manifest(artifact.manifest["base_model"]), "none", saved_in=artifact.path)
+
+
+def _align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: str) -> None:
+    """Make config and generation config agree with the tokenizer: align pads with unk/eos when the base has no
+    pad token, and generate() needs pad/eos to stop and to batch."""
+    from transformers import GenerationConfig
+
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if head != "causal_lm":
+        return
+    if getattr(model, "generation_config", None) is None:  # the base shipped none: derive it from its config
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    generation = model.generation_config
+    generation.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        generation.bos_token_id = tokenizer.bos_token_id
+    eos = generation.eos_token_id
+    # Keep extra stop ids the base declares (e.g. end-of-turn tokens) but always stop at the tokenizer's EOS,
+    # which align's chat template puts after every turn.
+    eos_ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.insert(0, tokenizer.eos_token_id)
+    generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids or None
+
+
+def _provenance(artifact: Artifact, model: PreTrainedModel, head: str) -> dict[str, Any]:
+    """What `align_export.json` records: enough to trace the merged weights back to the registry."""
+    from align.artifacts import package_versions
+    from align.models import adapter_chain
+
+    manifest = artifact.manifest
+    return {
+        "source": {"ref": artifact.ref, "path": str(artifact.path), "stage": manifest.get("stage"),
+                   "created": manifest.get("created")},
+        "head": head,
+        "model_class": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "base_model": manifest.get("base_model"),
+        "adapter_chain": manifest.get("adapter_chain", []),
+        # How inputs were formatted in training ("none": plain text), since the tokenizer may carry a template anyway.
+        "chat_template": (manifest.get("adapter") or {}).get("chat_template"),
+        # Everything folded into the weights, oldest first: the chain, then the artifact's own adapter.
+        "merged_adapters": [entry["ref"] for entry in adapter_chain(artifact)],
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+    }
+
+
+def _move_into_place(scratch: Path, out: Path) -> None:
+    """Rename the finished export to `out`; an old `out` is set aside first and deleted only after the swap."""
+    if not out.exists():
+        os.rename(scratch, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(scratch, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous export back rather than leave nothing
+        raise
+    shutil.rmtree(old, ignore_errors=True)

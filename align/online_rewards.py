@@ -1,0 +1,178 @@
+"""The reward of online RL stages (`align grpo`, `align rloo`): one Python callable TRL calls as `reward_funcs`.
+
+TRL could score a plain sequence-classification model itself, but then it tokenizes prompt + completion its own
+way (no EOS for plain text, no keep-the-end truncation) and nothing can be added to the raw score. So the reward
+artifact is merged into a plain scorer here and read exactly as `align score` and `align eval` read it
+(`scoring.score_replies`), then:
+
+    reward = (score - mean) / std                   the reward artifact's own eval-pair statistics (normalize_reward)
+           + reward_function_weight * judge(reply)  `vader` or `package.module:function` (reward_function)
+           - missing_eos_penalty                    for replies cut off at max_new_tokens
+
+Each part is also logged on its own (`reward_parts/*`), beside TRL's `reward` and `rewards/<name>/mean`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from align import judges, runtime
+from align.errors import ArtifactError, RecipeError
+
+if TYPE_CHECKING:
+    from align.artifacts import Artifact, Registry
+    from align.recipe import Recipe
+
+
+@dataclass
+class RewardSpec:
+    """The recipe's reward, resolved and checked before the policy loads (a `reward:` judge loads its model)."""
+
+    reward_artifact: Artifact | None
+    normalisation: dict[str, float] | None
+    judge_spec: str | None
+    judge_weight: float
+    missing_eos_penalty: float | None
+    judge: Callable[[list[Any], list[str]], list[float]] | None = None
+    parents: list[tuple[Artifact, str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """What TRL logs the callable as (`rewards/<name>/mean`): the parts that make up the reward."""
+        parts = ["reward_model"] if self.reward_artifact else []
+        parts += [self.judge_spec.rsplit(":", 1)[-1]] if self.judge_spec else []
+        return "+".join(parts)
+
+    def describe(self) -> dict[str, Any]:
+        """The reward as the manifest records it."""
+        return {"name": self.name,
+                "reward_model": self.reward_artifact.ref if self.reward_artifact else None,
+                "normalisation": self.normalisation, "reward_function": self.judge_spec,
+                "reward_function_weight": self.judge_weight if self.judge_spec else None,
+                "missing_eos_penalty": self.missing_eos_penalty}
+
+
+def resolve(recipe: Recipe, registry: Registry) -> RewardSpec:
+    """Check the stage section before anything slow: the reward artifact exists and is a reward model with the
+    statistics normalisation needs, and the generation batch holds whole groups of `num_generations` replies."""
+    stage = recipe.stage
+    section = getattr(recipe, stage)
+    check_batch(recipe)
+    artifact = normalisation = None
+    parents: list[tuple[Artifact, str]] = []
+    if section.reward_model is not None:
+        try:
+            artifact = registry.resolve(section.reward_model)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{stage}.reward_model: {exc}") from None
+        if artifact.manifest.get("stage") != "reward":
+            raise ArtifactError(f"{stage}.reward_model: {artifact.ref} is a {artifact.manifest.get('stage')} "
+                                "artifact, not a reward model (train one with `align reward`)")
+        if section.normalize_reward:
+            normalisation = artifact.manifest.get("adapter", {}).get("normalisation")
+            if not normalisation or not normalisation.get("std"):
+                raise ArtifactError(f"{stage}.normalize_reward: {artifact.ref} records no score mean/std; "
+                                    f"set {stage}.normalize_reward: false")
+            normalisation = {"mean": float(normalisation["mean"]), "std": float(normalisation["std"])}
+        parents.append((artifact, "reward"))
+    judge = None
+    if section.reward_function is not None:
+        judge, judge_artifact = judges.load_judge(section.reward_function, registry)
+        if judge_artifact is not None:
+            parents.append((judge_artifact, "reward_function"))
+    return RewardSpec(artifact, normalisation, section.reward_function, section.reward_function_weight,
+                      section.missing_eos_penalty, judge, parents)
+
+
+def check_batch(recipe: Recipe) -> None:
+    """TRL samples `per_device_train_batch_size x processes x gradient_accumulation_steps` replies per generation
+    batch, `num_generations` per prompt; say which recipe fields to change instead of TRL's ValueError."""
+    stage, train = recipe.stage, recipe.train
+    groups = getattr(recipe, stage).num_generations
+    processes = max(runtime.world()[1], recipe.launch.num_processes)
+    batch = train.per_device_train_batch_size * processes * train.gradient_accumulation_steps
+    if batch % groups:
+        across = f" x {processes} processes" if processes > 1 else ""
+        raise RecipeError(
+            f"{recipe.path}: train.per_device_train_batch_size ({train.per_device_train_batch_size}){across} x "
+            f"train.gradient_accumulation_steps ({train.gradient_accumulation_steps}) = {batch} replies per "
+            f"generation batch, not a multiple of {stage}.num_generations ({groups}); every prompt needs a whole "
+            f"group of {groups} replies")
+    if train.eval_steps and (train.per_device_eval_batch_size * processes) % groups:
+        raise RecipeError(f"{recipe.path}: train.per_device_eval_batch_size ({train.per_device_eval_batch_size}) "
+                          f"must be a multiple of {stage}.num_generations ({groups}) when train.eval_steps is set")
+
+
+def sampling_config(recipe: Recipe) -> dict[str, Any]:
+    """The TRL config fields GRPOConfig and RLOOConfig share, from the recipe's stage section."""
+    section = getattr(recipe, recipe.stage)
+    return {"beta": section.beta, "num_generations": section.num_generations, "epsilon": section.epsilon,
+            "num_iterations": section.num_iterations, "max_completion_length": section.max_new_tokens,
+            "temperature": section.temperature, "top_p": section.top_p}
+
+
+def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any, *, dtype: Any = None,
+                    batch_size: int = 64) -> Callable[..., list[float]]:
+    """Load the scorers and return TRL's reward callable `f(prompts, completions, completion_ids, **kw)`."""
+    import torch
+    from accelerate import PartialState
+
+    from align import models, scoring
+    from align.generation import _reply_text
+
+    scorer = score_tokenizer = None
+    judge = spec.judge
+    if spec.reward_artifact is not None:
+        artifact = spec.reward_artifact
+        peft_model, score_tokenizer = models.load_reward_model(artifact, registry, dtype)
+        scorer = peft_model.merge_and_unload().to(PartialState().device).eval()
+        scorer.requires_grad_(False)
+        rm_template = artifact.manifest["adapter"].get("chat_template", "auto")
+        rm_max_length = artifact.manifest["recipe"]["train"]["max_length"]
+    eos_ids = {policy_tokenizer.eos_token_id}
+
+    def reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
+               **kwargs: Any) -> list[float]:
+        plain = isinstance(prompts[0], str)
+        messages = [[{"role": "user", "content": p}] if plain else p for p in prompts]
+        if plain:  # decoding the reply alone drops its leading space: decode it after its prompt, as eval does
+            prompt_ids = policy_tokenizer(list(prompts))["input_ids"]
+            replies = [_reply_text(policy_tokenizer, p, c, "none") for p, c in zip(prompt_ids, completion_ids,
+                                                                                     strict=True)]
+        else:
+            replies = [c[-1]["content"].strip() for c in completions]
+        total = [0.0] * len(replies)
+        log = kwargs.get("log_metric") or (lambda name, value: None)
+        with torch.no_grad():
+            if scorer is not None:
+                items = [(m, [{"role": "assistant", "content": r}]) for m, r in zip(messages, replies, strict=True)]
+                scores = scoring.score_replies(scorer, score_tokenizer, items, chat_template=rm_template,
+                                               batch_size=batch_size, max_length=rm_max_length)
+                if spec.normalisation:
+                    scores = [(s - spec.normalisation["mean"]) / spec.normalisation["std"] for s in scores]
+                total = [t + s for t, s in zip(total, scores, strict=True)]
+                log("reward_parts/reward_model", sum(scores) / len(scores))
+            if judge is not None:
+                judged = judge(messages, replies)
+                total = [t + spec.judge_weight * j for t, j in zip(total, judged, strict=True)]
+                log("reward_parts/reward_function", sum(judged) / len(judged))
+        if spec.missing_eos_penalty:
+            cut = [not ids or ids[-1] not in eos_ids for ids in completion_ids]
+            total = [t - spec.missing_eos_penalty * c for t, c in zip(total, cut, strict=True)]
+            log("reward_parts/missing_eos", sum(cut) / len(cut))
+        return total
+
+    reward.__name__ = spec.name
+    return reward
+
+
+def rollout_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean reward of the first and last logged training steps, and the last KL to the reference."""
+    logs = [entry for entry in log_history if "reward" in entry and "train_runtime" not in entry]
+    if not logs:
+        return {"reward_first": None, "reward_last": None, "kl_last": None}
+    return {"reward_first": logs[0]["reward"], "reward_last": logs[-1]["reward"], "kl_last": logs[-1].get("kl"),
+            "completion_length_last": logs[-1].get("completions/mean_length"),
+            "clipped_ratio_last": logs[-1].get("completions/clipped_ratio")}

@@ -1,0 +1,1 @@
+"""Our own PPO for RLHF: pure losses, rollouts and the training loop."""

@@ -1,0 +1,261 @@
+"""The four roles PPO needs — policy, reference, value, reward — held either on one base model or as separate models.
+
+Shared (the default): the SFT artifact is merged into the base once; LoRA adapters `policy` (trainable), `value`
+(trainable, with a scalar head) and `reward` (frozen, with the reward artifact's score head) sit on that one copy
+of the weights, and the reference is the same model with every adapter disabled. Separate: four models, for
+comparison (`bench/`) and for reward models trained from a different starting point. Both expose the same
+`Roles` interface, so the PPO loop does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from align import models, scoring
+from align.errors import ArtifactError, RecipeError
+from align.models import decoder, lm_head
+
+if TYPE_CHECKING:
+    from align.artifacts import Artifact, Registry
+    from align.generation import Message
+    from align.models import StartingPoint
+    from align.recipe import Recipe
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _switch(model: Any, adapter: str, trainable: dict[nn.Parameter, bool]) -> None:
+    """Activate one adapter. PEFT's set_adapter also flips requires_grad of every adapter; restore ours, so the
+    policy and value adapters both stay trainable and the reward adapter stays frozen."""
+    if model.active_adapter != adapter:
+        model.set_adapter(adapter)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+
+
+class ActorCritic(nn.Module):
+    """Policy and value in one module, so one DDP wrapper and one backward cover both. In the shared layout
+    `policy` and `value` are the same PeftModel and the forward switches adapters."""
+
+    def __init__(self, policy: Any, value: Any, value_head: nn.Linear) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value = value
+        self.value_head = value_head
+        self._flags = {p: p.requires_grad for p in self.parameters()}
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The policy model with every adapter off: the reference. PEFT re-enables adapters on exit through
+        set_adapter, which flips requires_grad again; restore ours."""
+        with self.policy.disable_adapter():
+            yield
+        for param, flag in self._flags.items():
+            param.requires_grad_(flag)
+
+    def use(self, role: str) -> None:
+        """Make `role`'s adapter the active one (for generation with the policy)."""
+        _switch(self.policy if role == "policy" else self.value, role, self._flags)
+
+    def hidden(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+        self.use(role)
+        model = self.policy if role == "policy" else self.value
+        return decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # [B, L, H]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                prompt_width: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs and entropy of the response tokens under the policy, and the value before each of them."""
+        responses = input_ids[:, prompt_width:]  # [B, R]
+        hidden = self.hidden("policy", input_ids, attention_mask, position_ids)[:, prompt_width - 1:-1]  # [B, R, H]
+        logprobs, entropy = token_logprobs(lm_head(self.policy)(hidden), responses, temperature, entropy=True)
+        value_hidden = self.hidden("value", input_ids, attention_mask, position_ids)[:, prompt_width - 1:-1]
+        values = self.value_head(value_hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, R]
+        return logprobs, entropy, values
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights PPO trains (policy and value adapters, value head), for checkpoints."""
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) [B, R] from logits [B, R, V] at the sampling temperature (the distribution the tokens were
+    drawn from), and optionally the entropy [B, R]."""
+    from align.ppo.losses import entropy_from_logits
+
+    logits = logits.float() / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logp, entropy_from_logits(logits) if entropy else None
+
+
+@dataclass
+class Roles:
+    """What the PPO loop drives. `reference` gives the reference body; `score` rates finished replies."""
+
+    actor_critic: ActorCritic
+    reference_model: Any  # a separate frozen model, or None: the policy model with its adapters disabled
+    reward_model: Any  # the shared PeftModel (reward adapter) or a separate sequence-classification model
+    reward_head: nn.Linear | None  # the reward adapter's score head (shared layout only)
+    reward_tokenizer: Any
+    reward_chat_template: str
+    reward_max_length: int | None
+    normalisation: dict[str, float] | None
+    layout: str
+
+    @property
+    def policy(self) -> Any:
+        return self.actor_critic.policy
+
+    def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                           prompt_width: int, temperature: float) -> torch.Tensor:
+        """log p_ref of the response tokens [B, R]: the SFT model, i.e. the policy model with adapters off."""
+        model = self.reference_model if self.reference_model is not None else self.policy
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.reference_model is None:
+            with self.actor_critic.adapters_disabled():
+                hidden = decoder(model)(**kwargs).last_hidden_state
+        else:
+            hidden = decoder(model)(**kwargs).last_hidden_state
+        logits = lm_head(model)(hidden[:, prompt_width - 1:-1])
+        return token_logprobs(logits, input_ids[:, prompt_width:], temperature)[0]
+
+    def reward_scores(self, prompts: list[list[Message]], replies: list[str], batch_size: int) -> list[float]:
+        """The reward model's score of each reply, tokenised exactly as the reward model was trained."""
+        items = [(p, [{"role": "assistant", "content": r}]) for p, r in zip(prompts, replies, strict=True)]
+        if self.reward_head is None:
+            return scoring.score_replies(self.reward_model, self.reward_tokenizer, items,
+                                         chat_template=self.reward_chat_template, batch_size=batch_size,
+                                         max_length=self.reward_max_length)
+        _switch(self.reward_model, "reward", self.actor_critic._flags)
+        scores: list[float] = []
+        device = self.reward_head.weight.device
+        for start in range(0, len(items), batch_size):
+            input_ids, attention = scoring.reward_batch(self.reward_tokenizer, items[start:start + batch_size],
+                                                        self.reward_chat_template, self.reward_max_length)
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            hidden = decoder(self.reward_model)(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            # [B] where transformers' sequence classifiers read the score: the last token that is not padding.
+            columns = torch.arange(input_ids.shape[1], device=device)
+            last = (columns * (input_ids != self.reward_tokenizer.pad_token_id)).argmax(dim=-1)
+            picked = hidden[torch.arange(len(input_ids), device=device), last]  # [B, H]
+            scores.extend(self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1).float().tolist())
+        return scores
+
+    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.normalisation is None:
+            return scores
+        return (scores - self.normalisation["mean"]) / max(self.normalisation["std"], 1e-6)
+
+
+# ---- loading the reward model's pieces ---------------------------------------------------------------------------
+
+
+def _split_score_head(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A SEQ_CLS adapter's LoRA weights, and its trained score head (saved through modules_to_save)."""
+    from safetensors.torch import load_file
+
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}; the reward artifact is incomplete")
+    state = load_file(str(path))
+    head = [key for key in state if key.split(".")[-2] == "score" or ".score." in key]
+    if len(head) != 1:
+        raise ArtifactError(f"{adapter_dir}: expected one score-head weight in the reward adapter, found {head}")
+    weight = state.pop(head[0])
+    return state, weight
+
+
+def _add_adapter_from(model: Any, name: str, adapter_dir: Path, trainable: bool) -> torch.Tensor:
+    """Attach a reward artifact's LoRA under `name` (without its score head, which the causal-LM base lacks)
+    and return that score head's weight [1, H]."""
+    from peft import PeftConfig, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, not trainable
+    state, head = _split_score_head(adapter_dir)
+    model.add_adapter(name, config)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise ArtifactError(f"{adapter_dir}: adapter weights that fit no layer: {result.unexpected_keys[:3]}")
+    return head
+
+
+def _head(weight: torch.Tensor | None, hidden: int, dtype: Any, trainable: bool) -> nn.Linear:
+    head = nn.Linear(hidden, 1, bias=False, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight if weight is not None else torch.zeros(1, hidden))
+    head.weight.requires_grad_(trainable)
+    return head
+
+
+def _chain_refs(chain: list[dict[str, Any]]) -> list[str]:
+    return [entry["ref"] for entry in chain]
+
+
+def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy_base: Any, tokenizer: Any,
+                reward: Artifact | None, dtype: Any) -> Roles:
+    """Attach (shared) or load (separate) the four roles around `policy_base`, the merged SFT model."""
+    from peft import get_peft_model
+
+    settings = recipe.ppo
+    hidden_size = policy_base.config.hidden_size
+    policy = get_peft_model(policy_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="policy")
+    normalisation = None
+    if reward is not None and settings.normalize_reward:
+        normalisation = reward.manifest.get("adapter", {}).get("normalisation")
+    template = reward.manifest["adapter"].get("chat_template", "auto") if reward else recipe.model.chat_template
+    max_length = reward.manifest["recipe"]["train"]["max_length"] if reward else None
+
+    if settings.models == "shared":
+        if reward is not None and _chain_refs(reward.manifest.get("adapter_chain", [])) != _chain_refs(start.chain):
+            raise RecipeError(
+                f"{recipe.path}: ppo.models: shared puts the reward adapter on the policy's starting model "
+                f"({' + '.join(_chain_refs(start.chain)) or 'the base'}), but {reward.ref} was trained from "
+                f"{' + '.join(_chain_refs(reward.manifest.get('adapter_chain', []))) or 'the base'}; "
+                "use ppo.models: separate")
+        reward_head = value_weight = None
+        if reward is not None:
+            reward_head = _head(_add_adapter_from(policy, "reward", reward.adapter_path, trainable=False),
+                                hidden_size, dtype, trainable=False)
+        if reward is not None and settings.value_from_reward:
+            value_weight = _add_adapter_from(policy, "value", reward.adapter_path, trainable=True)
+        else:
+            policy.add_adapter("value", models.lora_config(recipe.lora, "CAUSAL_LM"))
+        policy.set_adapter("policy")
+        for name, param in policy.named_parameters():  # set_adapter froze the others
+            param.requires_grad_(".policy." in name or ".value." in name)
+        actor_critic = ActorCritic(policy, policy, _head(value_weight, hidden_size, dtype, trainable=True))
+        return Roles(actor_critic, None, policy if reward else None, reward_head, tokenizer, template, max_length,
+                     normalisation, "shared")
+
+    # Separate: a frozen reference, a value model, a reward model; each its own copy of the weights.
+    reference = models.load_starting_model(start, registry, dtype).eval().requires_grad_(False)
+    value_base = models.load_starting_model(start, registry, dtype)
+    from peft import get_peft_model as wrap
+
+    value_weight = None
+    if reward is not None and settings.value_from_reward:
+        value = wrap(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="scratch")
+        value_weight = _add_adapter_from(value, "value", reward.adapter_path, trainable=True)
+        value.set_adapter("value")
+        value.delete_adapter("scratch")
+    else:
+        value = wrap(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="value")
+    for name, param in value.named_parameters():
+        param.requires_grad_(".value." in name)
+    actor_critic = ActorCritic(policy, value, _head(value_weight, hidden_size, dtype, trainable=True))
+    reward_model = reward_tokenizer = None
+    if reward is not None:
+        reward_model, reward_tokenizer = models.load_reward_model(reward, registry, dtype)
+        reward_model.requires_grad_(False)
+    return Roles(actor_critic, reference, reward_model, None, reward_tokenizer or tokenizer, template, max_length,
+                 normalisation, "separate")

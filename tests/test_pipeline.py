@@ -1,0 +1,68 @@
+"""`make pipeline` as CI and users run it: the whole tiny chain once (few steps), then nothing re-runs when
+nothing changed, and touching a data card re-runs exactly the stages downstream of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import REPO, align_env
+
+# The commands a stage or an evaluation runs, as make prints them.
+STAGE_COMMANDS = {stage: f"align {stage} " for stage in ("sft", "pairs", "reward", "dpo", "ppo")}
+STAGE_COMMANDS["eval"] = "align eval "
+
+
+def make(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    recipes = tmp_path / "recipes" / "tiny"
+    args = [
+        "make", "--no-print-directory", *extra, "pipeline", f"RECIPES={recipes}", f"REGISTRY={tmp_path / 'registry'}",
+        f"EVAL_CARD={tmp_path / 'data_cards' / 'tiny-story-prompts.yaml'}",
+        "ARGS_sft=--set train.max_steps=2 --set sft.num_samples=0",
+        "ARGS_pairs=--set data.limit=16 --set data.eval_limit=8 --set pairs.max_new_tokens=16",
+        "ARGS_reward=--set train.max_steps=2",
+        "ARGS_dpo=--set train.max_steps=2",
+        "ARGS_ppo=--set train.max_steps=1 --set ppo.rollout_batch_size=16 --set data.eval_limit=4 "
+        "--set ppo.max_new_tokens=16",
+        "EVAL_ARGS=--limit 4 --num-samples 1 --max-new-tokens 16",
+    ]
+    env = align_env(tmp_path / "cache")
+    env.pop("MAKEFLAGS", None)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def commands(output: str) -> set[str]:
+    return {stage for stage, command in STAGE_COMMANDS.items() if command in output}
+
+
+def test_pipeline_runs_once_and_then_only_downstream_of_a_change(tmp_path: Path, stories_dir: Path) -> None:
+    # A private copy of the recipes and cards, so touching a card does not touch the repository.
+    shutil.copytree(REPO / "data_cards", tmp_path / "data_cards")
+    shutil.copytree(REPO / "recipes" / "tiny", tmp_path / "recipes" / "tiny")
+    sft = tmp_path / "recipes" / "tiny" / "sft.yaml"
+    sft.write_text(sft.read_text().replace("../../../shared/models/stories260K", str(stories_dir)))
+
+    first = make(tmp_path)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert commands(first.stdout) == set(STAGE_COMMANDS)
+    assert "tiny-ppo@v1" in first.stdout and "tiny-dpo@v1" in first.stdout  # the comparison table
+    assert (tmp_path / "registry" / "report-tiny.html").is_file()
+
+    unchanged = make(tmp_path, "-n")
+    assert unchanged.returncode == 0, unchanged.stderr[-3000:]
+    assert commands(unchanged.stdout) == set(), unchanged.stdout
+
+    # The prompt card feeds pairs (and through them reward and dpo), ppo and the evaluations, not sft.
+    card = tmp_path / "data_cards" / "tiny-story-prompts.yaml"
+    later = time.time() + 5
+    os.utime(card, (later, later))
+    downstream = make(tmp_path, "-n")
+    assert commands(downstream.stdout) == {"pairs", "reward", "dpo", "ppo", "eval"}, downstream.stdout
+
+    sft_card = tmp_path / "data_cards" / "tiny-sft.yaml"
+    os.utime(sft_card, (later, later))
+    everything = make(tmp_path, "-n")
+    assert commands(everything.stdout) == set(STAGE_COMMANDS), everything.stdout

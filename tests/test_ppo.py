@@ -1,0 +1,171 @@
+"""`align ppo` on stories260K: the roles on one base model, efficacy against the tiny reward model with guards
+against reward hacking, interrupt/resume reproducibility, the separate-models holder, and user errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO, align_env
+
+PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
+STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"
+# A short run for the mechanics tests: 3 steps of 16 prompts, checkpoints every step.
+SHORT = ["--set", "train.max_steps=3", "--set", "ppo.rollout_batch_size=16", "--set", "train.save_steps=1",
+         "--set", "data.eval_limit=8", "--set", "ppo.max_new_tokens=24"]
+
+
+def manifest(registry: Path, name: str, version: int) -> dict:
+    return json.loads((registry / name / f"v{version}" / "manifest.json").read_text())
+
+
+def history(registry: Path, name: str, version: int) -> list[dict]:
+    return json.loads((registry / name / f"v{version}" / "log_history.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ppo_artifact(reward_artifact: Path, sft_registry: Path, run_align: Callable) -> Path:
+    """tiny-ppo@v1: PPO of tiny-sft@latest against tiny-rm@latest with the tiny recipe."""
+    result = run_align("ppo", PPO, "--registry", sft_registry)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sft_registry / "tiny-ppo" / "v1"
+
+
+def test_shared_roles_match_the_artifacts(reward_artifact: Path, sft_registry: Path) -> None:
+    """On one base: the reward adapter scores exactly as the reward artifact does alone, the value head starts as
+    the reward head, and the fresh policy adapter starts as the reference (the SFT model)."""
+    import torch
+
+    from align import models, scoring
+    from align.artifacts import Registry
+    from align.generation import generate_samples
+    from align.ppo.roles import build_roles
+    from align.ppo.rollout import layout
+    from align.recipe import load_recipe
+
+    registry = Registry(sft_registry)
+    recipe = load_recipe(PPO)
+    start = models.resolve_starting_point(recipe, registry)
+    tokenizer = models.load_tokenizer(start.base, "none", saved_in=start.parent.path)
+    reward = registry.resolve("tiny-rm@latest")
+    torch.manual_seed(0)
+    roles = build_roles(recipe, registry, start, models.load_starting_model(start, registry), tokenizer, reward,
+                        torch.float32)
+    prompts = [[{"role": "user", "content": "Once upon a time, a little dog"}]] * 3
+    replies = [" was very happy and played with his friends.", " was sad and cried all day.", " saw a tree."]
+    scorer, score_tokenizer = models.load_reward_model(reward, registry)
+    expected = scoring.score_replies(scorer, score_tokenizer,
+                                     [(p, [{"role": "assistant", "content": r}]) for p, r in zip(prompts, replies, strict=True)],
+                                     chat_template="none", max_length=128)
+    with torch.no_grad():
+        shared = roles.reward_scores(prompts, replies, batch_size=2)
+    assert shared == pytest.approx(expected, abs=1e-5)
+    assert expected[0] > expected[1]  # the reward model prefers the happy continuation
+
+    samples = generate_samples(roles.policy, tokenizer, prompts, chat_template="none", max_new_tokens=8,
+                               temperature=1.0, seed=3)
+    input_ids, attention, positions, response_mask, width = layout(samples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, _, values = roles.actor_critic(input_ids, attention, positions, width, 1.0)
+        reference = roles.reference_logprobs(input_ids, attention, positions, width, 1.0)
+    assert torch.allclose(logprobs[response_mask], reference[response_mask], atol=1e-5)
+    assert values.shape == response_mask.shape and values[response_mask].abs().sum() > 0
+
+    # Switching roles (PEFT's set_adapter, and leaving disable_adapter) must not freeze a trained adapter.
+    trainable = {name.split(".")[-2] for name, p in roles.actor_critic.named_parameters()
+                 if p.requires_grad and ".lora_" in name}
+    assert trainable == {"policy", "value"} and roles.actor_critic.value_head.weight.requires_grad
+
+
+def test_ppo_raises_the_judge_score_without_reward_hacking(ppo_artifact: Path, sft_registry: Path,
+                                                            run_align: Callable) -> None:
+    m = json.loads((ppo_artifact / "manifest.json").read_text())
+    roles = {p["role"]: p["ref"] for p in m["parents"]}
+    assert roles == {"model": "tiny-sft@v2", "reward": "tiny-rm@v1"}
+    assert m["data"][0]["name"] == "tiny-story-prompts" and m["ppo"]["kl_coef"] > 0
+    assert (ppo_artifact / "adapter" / "adapter_config.json").is_file()
+    assert (ppo_artifact / "value" / "adapter_config.json").is_file()
+    assert (ppo_artifact / "value" / "value_head.safetensors").is_file()
+    steps = json.loads((ppo_artifact / "log_history.json").read_text())
+    assert [s["step"] for s in steps] == list(range(1, m["metrics"]["global_step"] + 1))
+    for key in ("reward", "score", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+                "response_length", "tokens_per_second"):
+        assert all(isinstance(s[key], float) for s in steps), key
+    assert m["metrics"]["eval_score"] > m["metrics"]["eval_score_before"]
+
+    result = run_align("eval", "tiny-ppo@v1", "--data", STORY_PROMPTS, "--limit", "64", "--num-samples", "4",
+                       "--reward", "tiny-rm@latest", "--registry", sft_registry)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((ppo_artifact / "eval.json").read_text())
+    assert report["judge_delta"] >= 0.25, report
+    assert report["policy"]["reward"] > report["parent_model"]["reward"]
+    assert report["policy"]["distinct_2"] >= 0.4
+    assert report["ref_nll_rise"] <= 0.3
+    assert 0 <= report["kl"] <= 1.0
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path, reward_artifact: Path,
+                                                          sft_registry: Path, run_align: Callable) -> None:
+    clean = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "name=ppo-clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    args = [sys.executable, "-m", "align", "ppo", str(PPO), "--registry", str(sft_registry), *SHORT,
+            "--set", "name=ppo-cut"]
+    process = subprocess.Popen(args, cwd=REPO, env=align_env(tmp_path / "cache"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(sft_registry.glob("ppo-cut/.runs/*/checkpoints/checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert not list(sft_registry.glob("ppo-cut/v*")), "an interrupted run must not publish"
+
+    resumed = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "name=ppo-cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert manifest(sft_registry, "ppo-cut", 1)["resumed_from"].startswith("checkpoint-")
+    expected, got = history(sft_registry, "ppo-clean", 1), history(sft_registry, "ppo-cut", 1)
+    assert len(got) == len(expected) == 3
+    for a, b in zip(expected, got, strict=True):
+        for key in ("reward", "score", "kl", "policy_loss", "value_loss", "clipfrac", "response_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
+
+
+def test_separate_models_give_the_same_run(reward_artifact: Path, sft_registry: Path, run_align: Callable) -> None:
+    """Four model copies instead of adapters on one: the same code path, the same numbers."""
+    shared = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "train.max_steps=2",
+                       "--set", "name=ppo-shared")
+    separate = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "train.max_steps=2",
+                         "--set", "name=ppo-separate", "--set", "ppo.models=separate")
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert separate.returncode == 0, separate.stderr[-3000:]
+    assert manifest(sft_registry, "ppo-separate", 1)["metrics"]["models"] == "separate"
+    for a, b in zip(history(sft_registry, "ppo-shared", 1), history(sft_registry, "ppo-separate", 1), strict=True):
+        for key in ("reward", "score", "kl", "policy_loss", "value_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["ppo.reward_model=tiny-sft@latest"], "not a reward model"),
+    (["ppo.rollout_batch_size=20"], "ppo.rollout_batch_size"),
+    (["ppo.reward_model=null"], "give a reward"),
+    (["ppo.kl_coef=0"], "kl_coef"),
+    (["ppo.kl_estimator=k2"], "kl_estimator"),
+    (["train.report_to=nosuchtracker"], "report_to"),
+])
+def test_user_errors_exit_2_and_publish_nothing(overrides: list[str], message: str, reward_artifact: Path,
+                                                sft_registry: Path, run_align: Callable) -> None:
+    args = [arg for override in overrides for arg in ("--set", override)]
+    result = run_align("ppo", PPO, "--registry", sft_registry, *args, "--set", "name=ppo-bad")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (sft_registry / "ppo-bad").exists() or not list((sft_registry / "ppo-bad").glob("v*"))
