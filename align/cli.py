@@ -14,6 +14,10 @@ import typer
 
 from align.errors import AlignError
 
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning. With spinning, one other busy process
+# on a 2-core machine made each forward pass of a small model ~20x slower (threads waiting on a descheduled peer).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(
     name="align",
     help="Align open language models: LoRA SFT -> reward model -> DPO/PPO, each stage a versioned artifact.",
@@ -338,6 +342,8 @@ def _eval_table(result: dict[str, Any]) -> Any:
                       f"{policy['reward']:+.3f} ± {policy['reward_stderr']:.3f}",
                       f"{policy['reward'] - parent['reward']:+.3f}")
     table.add_row("KL to parent (nats/seq)", "0", f"{result['kl']:.3f} ± {result['kl_stderr']:.3f}", "")
+    if "kl_per_token" in result:
+        table.add_row("KL to parent (nats/token)", "0", f"{result['kl_per_token']:.4f}", "")
     table.add_row(f"win rate ({result['win_rate_by']})", "", f"{result['win_rate']:.3f}", "")
     for key, label in (("length_tokens", "length (tokens)"), ("distinct_2", "distinct-2"),
                        ("ref_nll_per_token", "reference NLL / token")):

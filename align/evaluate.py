@@ -180,6 +180,8 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
         "judge_delta_stderr": mean_stderr([a - b for a, b in zip(judge_policy, judge_parent, strict=True)])[1],
         "kl": kl_mean,
         "kl_stderr": kl_se,
+        # Per reply token, the unit TRL's GRPO/RLOO logs use; a collapsed policy shows several nats here.
+        "kl_per_token": sum(kl) / max(sum(len(s.reply_ids) for s in policy), 1),
         "ref_nll_rise": policy_side["ref_nll_per_token"] - parent_side["ref_nll_per_token"],
         "win_rate": win_rate(reward_policy if wins_on else judge_policy, reward_parent if wins_on else judge_parent),
         "win_rate_by": f"reward:{reward_artifact.ref}" if wins_on else settings.judge,

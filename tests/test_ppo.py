@@ -60,9 +60,8 @@ def test_shared_roles_match_the_artifacts(reward_artifact: Path, sft_registry: P
     prompts = [[{"role": "user", "content": "Once upon a time, a little dog"}]] * 3
     replies = [" was very happy and played with his friends.", " was sad and cried all day.", " saw a tree."]
     scorer, score_tokenizer = models.load_reward_model(reward, registry)
-    expected = scoring.score_replies(scorer, score_tokenizer,
-                                     [(p, [{"role": "assistant", "content": r}]) for p, r in zip(prompts, replies, strict=True)],
-                                     chat_template="none", max_length=128)
+    items = [(p, [{"role": "assistant", "content": r}]) for p, r in zip(prompts, replies, strict=True)]
+    expected = scoring.score_replies(scorer, score_tokenizer, items, chat_template="none", max_length=128)
     with torch.no_grad():
         shared = roles.reward_scores(prompts, replies, batch_size=2)
     assert shared == pytest.approx(expected, abs=1e-5)
@@ -107,7 +106,7 @@ def test_ppo_raises_the_judge_score_without_reward_hacking(ppo_artifact: Path, s
     assert report["policy"]["reward"] > report["parent_model"]["reward"]
     assert report["policy"]["distinct_2"] >= 0.4
     assert report["ref_nll_rise"] <= 0.3
-    assert 0 <= report["kl"] <= 1.0
+    assert 0 < report["kl_per_token"] <= 1.0 and report["kl"] > 0
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path, reward_artifact: Path,
@@ -169,3 +168,34 @@ def test_user_errors_exit_2_and_publish_nothing(overrides: list[str], message: s
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (sft_registry / "ppo-bad").exists() or not list((sft_registry / "ppo-bad").glob("v*"))
+
+
+def test_prompt_order_covers_each_prompt_once_per_pass_and_splits_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from align.ppo.trainer import prompt_indices
+
+    seen = []
+    for step in range(5):  # 5 steps x 2 ranks x 4 prompts = 40 = two passes over 20 prompts
+        for rank in range(2):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            seen.append(prompt_indices(20, step, 4, seed=1))
+    first_pass = [i for chunk in seen[:5] for i in chunk]
+    second_pass = [i for chunk in seen[5:] for i in chunk]
+    assert sorted(first_pass) == sorted(second_pass) == list(range(20))
+    assert first_pass != second_pass  # reshuffled for the second pass
+    assert seen[0] != seen[1]  # ranks answer different prompts at the same step
+    monkeypatch.setenv("RANK", "1")
+    assert prompt_indices(20, 3, 4, seed=1) == seen[7]  # a pure function: a resumed run picks the same
+
+
+def test_two_processes_train_and_publish_once(reward_artifact: Path, sft_registry: Path,
+                                              run_align: Callable) -> None:
+    """`launch.num_processes: 2`: two gloo ranks under accelerate, DDP over the policy and value adapters."""
+    result = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "train.max_steps=2",
+                       "--set", "launch.num_processes=2", "--set", "name=ppo-ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (sft_registry / "ppo-ddp").glob("v*")) == ["v1"]
+    m = manifest(sft_registry, "ppo-ddp", 1)
+    assert m["world_size"] == 2 and m["metrics"]["global_step"] == 2
+    steps = history(sft_registry, "ppo-ddp", 1)
+    assert steps[-1]["epoch"] == pytest.approx(2 * 2 * 16 / 800)  # two ranks x 16 prompts per step
