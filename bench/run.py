@@ -90,9 +90,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--demo", action="store_true", help="also time the SmolLM2-135M demo chain (minutes)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--ppo-memory", type=Path, metavar="REGISTRY",
+                        help="only compare PPO peak RSS (one base vs four copies) on the demo artifacts in REGISTRY")
     args = parser.parse_args()
     align = str(Path(sys.executable).with_name("align"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.ppo_memory:
+        row = ppo_memory_row(align, env, "demo", "recipes/demo/ppo.yaml", str(args.ppo_memory))
+        write_section(args.out, "## PPO memory on the demo model", [row])
+        return
     rows = []
 
     help_times = [measure([align, "--help"], env)[0] for _ in range(7)]
@@ -126,16 +132,24 @@ def main() -> None:
                          "ok" if ratio <= DPO_RSS_TARGET else f"over the {DPO_RSS_TARGET}x target"))
             rows.append(ppo_memory_row(align, env, label, f"{recipes}/ppo.yaml", registry))
 
+    write_section(args.out, "## Latest `make bench` run", rows)
+
+
+def write_section(out: Path, heading: str, rows: list[tuple[str, ...]]) -> None:
+    """Replace (or add) one `## heading` section of the benchmarks file, keeping every other section."""
     header = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}. Date: {dt.date.today().isoformat()}.")
     table = ["| benchmark | wall time | peak RSS | result |", "| --- | --- | --- | --- |"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    section = "\n".join(["## Latest `make bench` run", "", header, "", *table, ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-    head, _, rest = previous.partition("## Latest `make bench` run")
-    tail = rest[rest.find("\n## ", 1):] if "\n## " in rest else ""
-    args.out.write_text(head.rstrip() + "\n\n" + section + tail.lstrip("\n"))
+    section = "\n".join([heading, "", header, "", *table, ""])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = out.read_text() if out.exists() else "# Benchmarks\n\n"
+    if heading in previous:
+        head, _, rest = previous.partition(heading)
+        tail = rest[rest.find("\n## ", 1):] if "\n## " in rest else ""
+        out.write_text(head.rstrip() + "\n\n" + section + "\n" + tail.lstrip("\n"))
+    else:
+        out.write_text(previous.rstrip() + "\n\n" + section)
     print(section)
 
 

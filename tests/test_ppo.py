@@ -199,3 +199,22 @@ def test_two_processes_train_and_publish_once(reward_artifact: Path, sft_registr
     assert m["world_size"] == 2 and m["metrics"]["global_step"] == 2
     steps = history(sft_registry, "ppo-ddp", 1)
     assert steps[-1]["epoch"] == pytest.approx(2 * 2 * 16 / 800)  # two ranks x 16 prompts per step
+
+
+def test_a_whole_reward_model_directory_needs_separate_models(reward_artifact: Path, sft_registry: Path,
+                                                              run_align: Callable, tmp_path: Path) -> None:
+    """`ppo.reward_model` may name a plain sequence-classification model (here: tiny-rm exported and merged)."""
+    exported = tmp_path / "tiny-rm-merged"
+    assert run_align("export", "tiny-rm@v1", "--merge", exported, "--registry", sft_registry).returncode == 0
+    args = [*SHORT, "--set", "train.max_steps=1", "--set", f"ppo.reward_model={exported}"]
+    shared = run_align("ppo", PPO, "--registry", sft_registry, *args, "--set", "name=ppo-dir-shared")
+    assert shared.returncode == 2 and "ppo.models: separate" in shared.stderr, shared.stderr[-2000:]
+    result = run_align("ppo", PPO, "--registry", sft_registry, *args, "--set", "ppo.models=separate",
+                       "--set", "name=ppo-dir")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = manifest(sft_registry, "ppo-dir", 1)
+    assert [p["role"] for p in m["parents"]] == ["model"]  # a directory is not an artifact parent...
+    assert m["reward_model"]["location"] == str(exported)  # ...but the manifest records it, with file hashes
+    assert all(f["sha256"] for f in m["reward_model"]["files"])
+    assert history(sft_registry, "ppo-dir", 1)[0]["score"] == pytest.approx(
+        history(sft_registry, "ppo-dir", 1)[0]["reward"])  # no recorded normalisation for a plain model

@@ -9,6 +9,7 @@ comparison (`bench/`) and for reward models trained from a different starting po
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,19 +202,48 @@ def _chain_refs(chain: list[dict[str, Any]]) -> list[str]:
     return [entry["ref"] for entry in chain]
 
 
+def _reward_reading(reward: Artifact | Path | None, recipe: Recipe) -> tuple[str, int | None, dict | None]:
+    """How the reward model reads text (chat template, max length) and its recorded normalisation."""
+    if reward is None:
+        return recipe.model.chat_template, None, None
+    if isinstance(reward, Path):  # a plain HF model directory; `align export` records its template
+        record = reward / "align_export.json"
+        template = json.loads(record.read_text(encoding="utf-8")).get("chat_template", "auto") if (
+            record.is_file()) else "auto"
+        return template, None, None
+    normalisation = reward.manifest.get("adapter", {}).get("normalisation") if recipe.ppo.normalize_reward else None
+    return (reward.manifest["adapter"].get("chat_template", "auto"), reward.manifest["recipe"]["train"]["max_length"],
+            normalisation)
+
+
+def _load_plain_reward_model(directory: Path, dtype: Any) -> tuple[Any, Any]:
+    """A full sequence-classification model directory (e.g. from `align export`) as a frozen scorer."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
+    except Exception as exc:  # transformers raises many types for a directory that is not such a model
+        raise RecipeError(f"ppo.reward_model: {directory} is not a sequence-classification model: {exc}") from None
+    if model.config.num_labels != 1:
+        raise RecipeError(f"ppo.reward_model: {directory} has {model.config.num_labels} labels; a reward model has 1")
+    tokenizer = models.load_tokenizer(models.BaseModelSpec(str(directory), "local", str(directory)), "none")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval().requires_grad_(False), tokenizer
+
+
 def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy_base: Any, tokenizer: Any,
-                reward: Artifact | None, dtype: Any) -> Roles:
-    """Attach (shared) or load (separate) the four roles around `policy_base`, the merged SFT model."""
+                reward: Artifact | Path | None, dtype: Any) -> Roles:
+    """Attach (shared) or load (separate) the four roles around `policy_base`, the merged SFT model. `reward` is
+    a reward artifact, a plain sequence-classification model directory (separate only), or None."""
     from peft import get_peft_model
 
     settings = recipe.ppo
     hidden_size = policy_base.config.hidden_size
     policy = get_peft_model(policy_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="policy")
-    normalisation = None
-    if reward is not None and settings.normalize_reward:
-        normalisation = reward.manifest.get("adapter", {}).get("normalisation")
-    template = reward.manifest["adapter"].get("chat_template", "auto") if reward else recipe.model.chat_template
-    max_length = reward.manifest["recipe"]["train"]["max_length"] if reward else None
+    template, max_length, normalisation = _reward_reading(reward, recipe)
+    if isinstance(reward, Path) and settings.models == "shared":
+        raise RecipeError(f"{recipe.path}: ppo.reward_model: {reward} is a whole model, not an adapter for the "
+                          "policy's base; use ppo.models: separate")
 
     if settings.models == "shared":
         if reward is not None and _chain_refs(reward.manifest.get("adapter_chain", [])) != _chain_refs(start.chain):
@@ -240,21 +270,21 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
     # Separate: a frozen reference, a value model, a reward model; each its own copy of the weights.
     reference = models.load_starting_model(start, registry, dtype).eval().requires_grad_(False)
     value_base = models.load_starting_model(start, registry, dtype)
-    from peft import get_peft_model as wrap
-
     value_weight = None
-    if reward is not None and settings.value_from_reward:
-        value = wrap(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="scratch")
+    if isinstance(reward, Path) or reward is None or not settings.value_from_reward:
+        value = get_peft_model(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="value")
+    else:
+        value = get_peft_model(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="scratch")
         value_weight = _add_adapter_from(value, "value", reward.adapter_path, trainable=True)
         value.set_adapter("value")
         value.delete_adapter("scratch")
-    else:
-        value = wrap(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="value")
     for name, param in value.named_parameters():
         param.requires_grad_(".value." in name)
     actor_critic = ActorCritic(policy, value, _head(value_weight, hidden_size, dtype, trainable=True))
     reward_model = reward_tokenizer = None
-    if reward is not None:
+    if isinstance(reward, Path):
+        reward_model, reward_tokenizer = _load_plain_reward_model(reward, dtype)
+    elif reward is not None:
         reward_model, reward_tokenizer = models.load_reward_model(reward, registry, dtype)
         reward_model.requires_grad_(False)
     return Roles(actor_critic, reference, reward_model, None, reward_tokenizer or tokenizer, template, max_length,

@@ -22,10 +22,15 @@ from align.ppo.rollout import sequence_scores
 from align.recipe import Recipe
 
 
-def _reward_artifact(recipe: Recipe, registry: Registry) -> Artifact | None:
-    if recipe.ppo.reward_model is None:
+def _reward_source(recipe: Recipe, registry: Registry) -> Artifact | Path | None:
+    """`ppo.reward_model`: a reward artifact reference, or a plain sequence-classification model directory."""
+    spec = recipe.ppo.reward_model
+    if spec is None:
         return None
-    artifact = registry.resolve(recipe.ppo.reward_model)
+    directory = recipe.relative_path(spec)
+    if (directory / "config.json").is_file() and not (directory / "manifest.json").exists():
+        return directory
+    artifact = registry.resolve(spec)
     if artifact.manifest.get("stage") != "reward":
         raise ArtifactError(f"ppo.reward_model: {artifact.ref} is a {artifact.manifest.get('stage')} artifact, "
                             "not a reward model")
@@ -34,7 +39,7 @@ def _reward_artifact(recipe: Recipe, registry: Registry) -> Artifact | None:
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one PPO policy adapter. Returns the artifact on the main process, None elsewhere."""
-    reward = _reward_artifact(recipe, registry)
+    reward = _reward_source(recipe, registry)
     reward_fn = judges.load_judge(recipe.ppo.reward_function, registry)[0] if recipe.ppo.reward_function else None
     ppo_trainer.check_batch_sizes(recipe)
     inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
@@ -90,9 +95,11 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
                "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
                "value": "value/: the value adapter and value_head.safetensors (its scalar head)"}
-    return training.publish(run_state, write_files=write_files, metrics=metrics,
-                            details={"adapter": adapter, "ppo": recipe.ppo.model_dump()},
-                            extra_parents=[(reward, "reward")] if reward else [])
+    details = {"adapter": adapter, "ppo": recipe.ppo.model_dump()}
+    if isinstance(reward, Path):  # not an artifact, so not a parent: record what it was
+        details["reward_model"] = models.base_identity(models.BaseModelSpec(str(reward), "local", str(reward)))
+    return training.publish(run_state, write_files=write_files, metrics=metrics, details=details,
+                            extra_parents=[(reward, "reward")] if isinstance(reward, Artifact) else [])
 
 
 def _save_adapters(holder: ppo_roles.Roles, final: Path) -> None:
