@@ -303,6 +303,7 @@ def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM") -> LoraConfi
         target_modules=section.target_modules,
         modules_to_save=section.modules_to_save,
         bias=section.bias,
+        layers_to_transform=section.layers_to_transform,
         task_type=task_type,
     )
 

@@ -69,6 +69,16 @@ class LoraSection(_Section):
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
+    layers_to_transform: list[int] | None = Field(
+        None, description="Only these decoder layers get adapters; with only top layers, backward stops early "
+                          "(about 2x faster training on CPU)")
+
+    @model_validator(mode="after")
+    def _layers_need_module_names(self) -> LoraSection:
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform needs target_modules as a list of module names (PEFT's rule), "
+                             "e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]")
+        return self
 
 
 class TrainSection(_Section):

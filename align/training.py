@@ -7,6 +7,7 @@ agrees on the run directory because it is keyed by the content of the run, not b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -140,11 +141,14 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows:
 
 
 def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *, task_type: str,
-                  **stage_config: Any) -> Any:
+                  trainer_kwargs: dict[str, Any] | None = None, **stage_config: Any) -> Any:
     """A TRL trainer over the stage's rows with a fresh LoRA adapter; `stage_config` adds the stage's own
-    config fields to the shared TrainingArguments."""
+    config fields to the shared TrainingArguments, `trainer_kwargs` its own trainer arguments (reward_funcs)."""
     recipe = inputs.recipe
-    config = config_cls(**trainer_args(inputs.run), max_length=recipe.train.max_length, **stage_config)
+    # GRPO and RLOO have no max_length: they bound replies with max_completion_length instead.
+    if "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
+        stage_config = {"max_length": recipe.train.max_length, **stage_config}
+    config = config_cls(**trainer_args(inputs.run), **stage_config)
     runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
     return trainer_cls(
         model=inputs.model,
@@ -153,6 +157,7 @@ def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *, tas
         eval_dataset=as_dataset(inputs.data.eval, recipe.model.chat_template),
         processing_class=inputs.tokenizer,
         peft_config=models.lora_config(recipe.lora, task_type),
+        **(trainer_kwargs or {}),
     )
 
 
@@ -232,9 +237,10 @@ def save_adapter(trainer: Any, run: StageRun) -> Path:
 
 def publish_adapter(trainer: Any, inputs: StageInputs, *, task_type: str, metrics: dict[str, Any],
                     train_metrics: dict[str, Any], files: dict[str, Any] | None = None,
-                    adapter_extra: dict[str, Any] | None = None,
-                    details: dict[str, Any] | None = None) -> Artifact | None:
-    """Publish a trained LoRA adapter with its tokenizer, training log and the stage's own JSON `files`."""
+                    adapter_extra: dict[str, Any] | None = None, details: dict[str, Any] | None = None,
+                    extra_parents: list[tuple[Artifact, str]] = ()) -> Artifact | None:
+    """Publish a trained LoRA adapter with its tokenizer, training log and the stage's own JSON `files`;
+    `extra_parents` are (artifact, role) beside the starting model and data (e.g. the reward model)."""
     recipe, data, run = inputs.recipe, inputs.data, inputs.run
     metrics = {
         **metrics,
@@ -258,7 +264,8 @@ def publish_adapter(trainer: Any, inputs: StageInputs, *, task_type: str, metric
     adapter = {"task_type": task_type, "r": lora.r, "lora_alpha": lora.lora_alpha,
                "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
                **(adapter_extra or {})}
-    return publish(run, write_files=write_files, metrics=metrics, details={"adapter": adapter, **(details or {})})
+    return publish(run, write_files=write_files, metrics=metrics, details={"adapter": adapter, **(details or {})},
+                   extra_parents=extra_parents)
 
 
 def perplexity(loss: float | None) -> float | None:

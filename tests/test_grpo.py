@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from align.online_rewards import RewardSpec, reward_function
-from tests.conftest import REPO
 
 TINY_GRPO = REPO / "recipes" / "tiny" / "grpo.yaml"
 TINY_RLOO = REPO / "recipes" / "tiny" / "rloo.yaml"
