@@ -9,7 +9,8 @@ artifact is merged into a plain scorer here and read exactly as `align score` an
            + reward_function_weight * judge(reply)  `vader` or `package.module:function` (reward_function)
            - missing_eos_penalty                    for replies cut off at max_new_tokens
 
-Each part is also logged on its own (`reward_parts/*`), beside TRL's `reward` and `rewards/<name>/mean`.
+Each part is also logged on its own (`reward_parts/*`; the reward model's as its raw score), beside TRL's
+`reward` and `rewards/<name>/mean`. `combine` is the same formula for `align ppo`.
 """
 
 from __future__ import annotations
@@ -143,29 +144,41 @@ def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any,
                                                                                      strict=True)]
         else:
             replies = [c[-1]["content"].strip() for c in completions]
-        total = [0.0] * len(replies)
         log = kwargs.get("log_metric") or (lambda name, value: None)
+        scores = judged = None
         with torch.no_grad():
             if scorer is not None:
                 items = [(m, [{"role": "assistant", "content": r}]) for m, r in zip(messages, replies, strict=True)]
                 scores = scoring.score_replies(scorer, score_tokenizer, items, chat_template=rm_template,
                                                batch_size=batch_size, max_length=rm_max_length)
-                if spec.normalisation:
-                    scores = [(s - spec.normalisation["mean"]) / spec.normalisation["std"] for s in scores]
-                total = [t + s for t, s in zip(total, scores, strict=True)]
                 log("reward_parts/reward_model", sum(scores) / len(scores))
             if judge is not None:
                 judged = judge(messages, replies)
-                total = [t + spec.judge_weight * j for t, j in zip(total, judged, strict=True)]
                 log("reward_parts/reward_function", sum(judged) / len(judged))
+        ended = [bool(ids) and ids[-1] in eos_ids for ids in completion_ids]
         if spec.missing_eos_penalty:
-            cut = [not ids or ids[-1] not in eos_ids for ids in completion_ids]
-            total = [t - spec.missing_eos_penalty * c for t, c in zip(total, cut, strict=True)]
-            log("reward_parts/missing_eos", sum(cut) / len(cut))
-        return total
+            log("reward_parts/missing_eos", 1 - sum(ended) / len(ended))
+        return combine(scores, spec.normalisation, judged, spec.judge_weight, ended, spec.missing_eos_penalty)
 
     reward.__name__ = spec.name
     return reward
+
+
+def combine(scores: list[float] | None, normalisation: dict[str, float] | None, judged: list[float] | None,
+            judge_weight: float, ended: list[bool], missing_eos_penalty: float | None) -> list[float]:
+    """The sequence reward every online stage (grpo, rloo, ppo) optimises: the reward model's score,
+    standardised with its recorded mean/std, + judge_weight x the judge's score - the penalty for a reply cut
+    off before EOS. `scores` or `judged` may be None (that part is absent)."""
+    total = [0.0] * len(ended)
+    if scores is not None:
+        if normalisation:
+            scores = [(s - normalisation["mean"]) / max(normalisation["std"], 1e-6) for s in scores]
+        total = [t + s for t, s in zip(total, scores, strict=True)]
+    if judged is not None:
+        total = [t + judge_weight * j for t, j in zip(total, judged, strict=True)]
+    if missing_eos_penalty:
+        total = [t - missing_eos_penalty * (not e) for t, e in zip(total, ended, strict=True)]
+    return total
 
 
 def rollout_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -218,3 +218,13 @@ def test_a_whole_reward_model_directory_needs_separate_models(reward_artifact: P
     assert all(f["sha256"] for f in m["reward_model"]["files"])
     assert history(sft_registry, "ppo-dir", 1)[0]["score"] == pytest.approx(
         history(sft_registry, "ppo-dir", 1)[0]["reward"])  # no recorded normalisation for a plain model
+
+
+def test_sequence_reward_combines_normalised_score_judge_and_eos_penalty() -> None:
+    from align.online_rewards import combine
+
+    # (2 - 1) / 2 + 0.5 * 0.8 = 0.9; (0 - 1) / 2 + 0.5 * -0.2 - 1 (no EOS) = -1.6
+    got = combine([2.0, 0.0], {"mean": 1.0, "std": 2.0}, [0.8, -0.2], 0.5, [True, False], 1.0)
+    assert got == pytest.approx([0.9, -1.6])
+    assert combine(None, None, [0.3], 2.0, [False], None) == pytest.approx([0.6])  # judge only, no penalty set
+    assert combine([3.0], None, None, 1.0, [True], 1.0) == pytest.approx([3.0])  # raw score without statistics

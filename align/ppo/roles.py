@@ -151,11 +151,6 @@ class Roles:
             scores.extend(self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1).float().tolist())
         return scores
 
-    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.normalisation is None:
-            return scores
-        return (scores - self.normalisation["mean"]) / max(self.normalisation["std"], 1e-6)
-
 
 # ---- loading the reward model's pieces ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from align.generation import generate_samples
+from align.online_rewards import combine
 
 if TYPE_CHECKING:
     from align.generation import Message, Sample
@@ -63,20 +64,15 @@ def layout(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 def sequence_scores(roles: Roles, prompts: list[list[Message]], samples: list[Sample], settings: PpoSection,
                     reward_fn: Any, eos_id: int | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                                   torch.Tensor]:
-    """The scalar reward of each reply: normalised reward-model score + weighted reward function - the penalty
-    for replies cut off before EOS. Also returns the raw reward-model scores and which replies ended."""
+    """The scalar reward of each reply (`online_rewards.combine`, as GRPO and RLOO use), the raw reward-model
+    scores and which replies ended with EOS."""
     texts = [s.text for s in samples]
-    ended = torch.tensor([bool(s.reply_ids) and s.reply_ids[-1] == eos_id for s in samples])
-    total = torch.zeros(len(samples))
-    raw = None
-    if roles.reward_model is not None:
-        raw = torch.tensor(roles.reward_scores(prompts, texts, batch_size))
-        total += roles.normalise(raw)
-    if reward_fn is not None:
-        total += settings.reward_function_weight * torch.tensor(reward_fn(prompts, texts), dtype=torch.float32)
-    if settings.missing_eos_penalty is not None:
-        total -= settings.missing_eos_penalty * (~ended).float()
-    return total, raw, ended
+    ended = [bool(s.reply_ids) and s.reply_ids[-1] == eos_id for s in samples]
+    raw = roles.reward_scores(prompts, texts, batch_size) if roles.reward_model is not None else None
+    judged = reward_fn(prompts, texts) if reward_fn is not None else None
+    total = combine(raw, roles.normalisation, judged, settings.reward_function_weight, ended,
+                    settings.missing_eos_penalty)
+    return (torch.tensor(total), torch.tensor(raw) if raw is not None else None, torch.tensor(ended))
 
 
 @torch.no_grad()
