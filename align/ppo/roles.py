@@ -185,8 +185,9 @@ def _add_adapter_from(model: Any, name: str, adapter_dir: Path, trainable: bool)
     return head
 
 
-def _head(weight: torch.Tensor | None, hidden: int, dtype: Any, trainable: bool) -> nn.Linear:
-    head = nn.Linear(hidden, 1, bias=False, dtype=dtype)
+def _head(weight: torch.Tensor | None, hidden: int, trainable: bool) -> nn.Linear:
+    """A scalar head, kept in fp32 whatever the body's precision (it is tiny, and the value head is trained)."""
+    head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
     with torch.no_grad():
         head.weight.copy_(weight if weight is not None else torch.zeros(1, hidden))
     head.weight.requires_grad_(trainable)
@@ -250,7 +251,7 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
         reward_head = value_weight = None
         if reward is not None:
             reward_head = _head(_add_adapter_from(policy, "reward", reward.adapter_path, trainable=False),
-                                hidden_size, dtype, trainable=False)
+                                hidden_size, trainable=False)
         if reward is not None and settings.value_from_reward:
             value_weight = _add_adapter_from(policy, "value", reward.adapter_path, trainable=True)
         else:
@@ -258,7 +259,7 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
         policy.set_adapter("policy")
         for name, param in policy.named_parameters():  # set_adapter froze the others
             param.requires_grad_(".policy." in name or ".value." in name)
-        actor_critic = ActorCritic(policy, policy, _head(value_weight, hidden_size, dtype, trainable=True))
+        actor_critic = ActorCritic(policy, policy, _head(value_weight, hidden_size, trainable=True))
         return Roles(actor_critic, None, policy if reward else None, reward_head, tokenizer, template, max_length,
                      normalisation, "shared")
 
@@ -275,7 +276,7 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
         value.delete_adapter("scratch")
     for name, param in value.named_parameters():
         param.requires_grad_(".value." in name)
-    actor_critic = ActorCritic(policy, value, _head(value_weight, hidden_size, dtype, trainable=True))
+    actor_critic = ActorCritic(policy, value, _head(value_weight, hidden_size, trainable=True))
     reward_model = reward_tokenizer = None
     if isinstance(reward, Path):
         reward_model, reward_tokenizer = _load_plain_reward_model(reward, dtype)
