@@ -46,7 +46,9 @@ RegistryOpt = Annotated[
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    # Piped output (make, CI logs) gets 120 columns rather than rich's 80, so tables keep their numbers whole.
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if stream.isatty() else 120)
 
 
 def _registry(option: Path | None, recipe_root: str | None = None) -> Any:

@@ -119,14 +119,14 @@ def main() -> None:
                 rows.append((f"{label} {stage}: `{recipe}`", f"{wall:.1f} s", f"{peak[stage]:.0f} MiB", result))
             card = "tiny-story-prompts" if label == "tiny" else "demo-prompts"
             # The same evaluation `make pipeline` runs (the demo's is smaller: see EVAL_ARGS in the Makefile).
-            sizes = ["--limit", "48", "--num-samples", "2", "--max-new-tokens", "32"] if label == "demo" else []
+            sizes = ["--limit", "32", "--num-samples", "2", "--max-new-tokens", "32"] if label == "demo" else []
             for policy in ("dpo", "ppo"):
                 wall, rss, code = measure([align, "eval", f"{label}-{policy}@latest", "--data",
                                            f"data_cards/{card}.yaml", "--reward", f"{label}-rm@latest",
                                            "--registry", registry, *sizes], env)
                 total += wall
                 result = eval_headline(Path(registry), f"{label}-{policy}") if code == 0 else f"exit {code}"
-                size = "48 prompts x 2" if sizes else "64 prompts x 4"
+                size = "32 prompts x 2" if sizes else "64 prompts x 4"
                 rows.append((f"{label} eval: {label}-{policy} vs {label}-sft, {size}", f"{wall:.1f} s",
                              f"{rss:.0f} MiB", result))
             rows.append((f"{label} chain, sft to both evals", f"{total / 60:.1f} min", "-", ""))
