@@ -62,14 +62,17 @@ def test_dpo_raises_the_judge_score_without_breaking_text(dpo_artifact: Path, re
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-def test_every_loss_type_runs_a_step(loss_type: str, pairs_artifact: Path, sft_registry: Path) -> None:
+def test_every_loss_type_runs_a_step(pairs_artifact: Path, sft_registry: Path) -> None:
+    """All of TRL's loss types at once (TRL sums them, MPO-style): one step runs every loss's own code path,
+    in one model load instead of fifteen. EXO needs label smoothing; TRL refuses 0."""
+    import math
+
     from align.stages import dpo
 
-    smoothing = 1e-3 if loss_type == "exo_pair" else 0.0  # EXO requires it; TRL refuses 0
-    recipe = load_recipe(TINY_DPO, [f"name=tiny-dpo-{loss_type.replace('_', '-')}", f"dpo.loss_type={loss_type}",
-                                    f"dpo.label_smoothing={smoothing}", "train.max_steps=1", "data.limit=16",
+    recipe = load_recipe(TINY_DPO, ["name=tiny-dpo-every-loss", f"dpo.loss_type=[{', '.join(DPO_LOSS_TYPES)}]",
+                                    "dpo.label_smoothing=0.001", "train.max_steps=1", "data.limit=16",
                                     "data.eval_limit=8"], stage="dpo")
     artifact = dpo.run(recipe, Registry(sft_registry), say=lambda _: None)
-    assert artifact.manifest["dpo"]["loss_type"] == [loss_type]
+    assert artifact.manifest["dpo"]["loss_type"] == list(DPO_LOSS_TYPES)
     assert artifact.manifest["metrics"]["global_step"] == 1
+    assert math.isfinite(artifact.manifest["metrics"]["train_loss"])

@@ -34,14 +34,33 @@ def test_win_rate_counts_ties_half() -> None:
 
 
 class FixedLogits(torch.nn.Module):
-    """A 'model' whose next-token distribution depends only on the current token: p(next | t) from a table."""
+    """A 'model' whose next-token distribution depends only on the current token: p(next | t) from a table.
+    Its decoder's hidden state is the one-hot current token and its head maps it to log p, as a causal LM's
+    decoder and output embeddings do (eval projects only the reply positions through the head)."""
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
-        self.table = torch.nn.Parameter(table.log(), requires_grad=False)
+        vocab = table.shape[0]
+        self.body = OneHot(vocab)
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(table.log().T)
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.body
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+class OneHot(torch.nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
-        return type("Out", (), {"logits": self.table[input_ids]})()
+        hidden = torch.nn.functional.one_hot(input_ids, self.vocab).float()  # [B, T, V]
+        return type("Out", (), {"last_hidden_state": hidden})()
 
 
 def test_reply_logprobs_reads_the_reply_tokens_only() -> None:

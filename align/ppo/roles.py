@@ -237,9 +237,6 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
     hidden_size = policy_base.config.hidden_size
     policy = get_peft_model(policy_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="policy")
     template, max_length, normalisation = _reward_reading(reward, recipe)
-    if isinstance(reward, Path) and settings.models == "shared":
-        raise RecipeError(f"{recipe.path}: ppo.reward_model: {reward} is a whole model, not an adapter for the "
-                          "policy's base; use ppo.models: separate")
 
     if settings.models == "shared":
         if reward is not None and _chain_refs(reward.manifest.get("adapter_chain", [])) != _chain_refs(start.chain):
