@@ -106,6 +106,31 @@ def check_batch(recipe: Recipe) -> None:
                           f"must be a multiple of {stage}.num_generations ({groups}) when train.eval_steps is set")
 
 
+def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, trainer: str,
+                      **stage_config: Any) -> Artifact | None:
+    """What `align grpo` and `align rloo` share: check the reward and the data (before trl is imported), load,
+    train a fresh LoRA with TRL's `{trainer}Trainer` (`stage_config`: its own config fields), publish with the
+    reward artifact as a parent."""
+    from align import training
+
+    reward = resolve(recipe, registry)
+    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
+    settings = getattr(inputs.recipe, recipe.stage)
+    reward_fn = reward_function(reward, registry, inputs.tokenizer)
+    padding_side, inputs.tokenizer.padding_side = inputs.tokenizer.padding_side, "left"  # TRL generates left-padded
+    import trl
+
+    online = training.build_trainer(getattr(trl, f"{trainer}Trainer"), getattr(trl, f"{trainer}Config"), inputs,
+                                    task_type="CAUSAL_LM", trainer_kwargs={"reward_funcs": [reward_fn]},
+                                    **sampling_config(inputs.recipe), **stage_config)
+    train_metrics = training.train(online, inputs.run)
+    inputs.tokenizer.padding_side = padding_side
+    return training.publish_adapter(online, inputs, task_type="CAUSAL_LM",
+                                    metrics=rollout_metrics(online.state.log_history), train_metrics=train_metrics,
+                                    extra_parents=reward.parents,
+                                    details={recipe.stage: settings.model_dump(), "online_reward": reward.describe()})
+
+
 def sampling_config(recipe: Recipe) -> dict[str, Any]:
     """The TRL config fields GRPOConfig and RLOOConfig share, from the recipe's stage section."""
     section = getattr(recipe, recipe.stage)

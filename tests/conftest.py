@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +42,23 @@ def align_env(cache: Path) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGN_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ALIGN_REGISTRY", None)
     return env
+
+
+def interrupt_after_first_checkpoint(args: list[str], registry: Path, name: str, cache: Path) -> None:
+    """Run `python -m align ARGS`, send SIGTERM once a checkpoint of artifact `name` is complete, and check the
+    graceful stop: exit 143, a hint to --resume, no traceback, nothing published."""
+    process = subprocess.Popen([sys.executable, "-m", "align", *map(str, args)], cwd=REPO, env=align_env(cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(registry.glob(f"{name}/.runs/*/checkpoints/checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert not list(registry.glob(f"{name}/v*")), "an interrupted run must not publish"
 
 
 @pytest.fixture(scope="session")

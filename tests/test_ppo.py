@@ -4,15 +4,11 @@ against reward hacking, interrupt/resume reproducibility, the separate-models ho
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, align_env
+from conftest import REPO, interrupt_after_first_checkpoint
 
 PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
 STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"
@@ -114,20 +110,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path, reward
     clean = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "name=ppo-clean")
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    args = [sys.executable, "-m", "align", "ppo", str(PPO), "--registry", str(sft_registry), *SHORT,
-            "--set", "name=ppo-cut"]
-    process = subprocess.Popen(args, cwd=REPO, env=align_env(tmp_path / "cache"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(sft_registry.glob("ppo-cut/.runs/*/checkpoints/checkpoint-*/trainer_state.json")):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-3000:]
-    assert "--resume" in stderr and "Traceback" not in stderr
-    assert not list(sft_registry.glob("ppo-cut/v*")), "an interrupted run must not publish"
+    interrupt_after_first_checkpoint(["ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "name=ppo-cut"],
+                                     sft_registry, "ppo-cut", tmp_path / "cache")
 
     resumed = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "name=ppo-cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,10 +4,8 @@ interruption and resume, and concurrent multi-process launch. Every run is a rea
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 from align.artifacts import REQUIRED_MANIFEST_KEYS
 from align.hashing import sha256_file
-from tests.conftest import REPO, TINY_SFT, align_env
+from tests.conftest import REPO, TINY_SFT, align_env, interrupt_after_first_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -87,18 +85,7 @@ def test_sigterm_publishes_nothing_and_resume_completes(tmp_path: Path, stories_
     registry = tmp_path / "registry"
     args = [sys.executable, "-m", "align", "sft", str(TINY_SFT), "--registry", str(registry),
             "--set", "train.max_steps=150", "--set", "train.save_steps=5", "--set", "sft.num_samples=0"]
-    process = subprocess.Popen(args, cwd=REPO, env=align_env(tmp_path / "cache"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(registry.glob("tiny-sft/.runs/*/checkpoints/checkpoint-*/trainer_state.json")):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr[-3000:]
-    assert "--resume" in stderr and "Traceback" not in stderr
-    assert not list(registry.glob("tiny-sft/v*")), "an interrupted run must not publish"
+    interrupt_after_first_checkpoint(args[3:], registry, "tiny-sft", tmp_path / "cache")
 
     resumed = subprocess.run([*args, "--resume"], cwd=REPO, env=align_env(tmp_path / "cache"),
                              capture_output=True, text=True, timeout=600)

@@ -10,27 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from align import online_rewards, training
+from align import online_rewards
 from align.artifacts import Artifact, Registry
 from align.recipe import Recipe
 
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one GRPO policy adapter. Returns the artifact on the main process, None elsewhere."""
-    reward = online_rewards.resolve(recipe, registry)
-    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
-    settings = inputs.recipe.grpo
-    from trl import GRPOConfig, GRPOTrainer
-
-    reward_fn = online_rewards.reward_function(reward, registry, inputs.tokenizer)
-    padding_side, inputs.tokenizer.padding_side = inputs.tokenizer.padding_side, "left"  # TRL generates left-padded
-    trainer = training.build_trainer(GRPOTrainer, GRPOConfig, inputs, task_type="CAUSAL_LM",
-                                     trainer_kwargs={"reward_funcs": [reward_fn]},
-                                     **online_rewards.sampling_config(inputs.recipe),
-                                     scale_rewards=settings.scale_rewards)
-    train_metrics = training.train(trainer, inputs.run)
-    inputs.tokenizer.padding_side = padding_side
-    metrics = online_rewards.rollout_metrics(trainer.state.log_history)
-    return training.publish_adapter(trainer, inputs, task_type="CAUSAL_LM", metrics=metrics,
-                                    train_metrics=train_metrics, extra_parents=reward.parents,
-                                    details={"grpo": settings.model_dump(), "online_reward": reward.describe()})
+    return online_rewards.train_and_publish(recipe, registry, resume=resume, say=say, trainer="GRPO",
+                                            scale_rewards=recipe.grpo.scale_rewards)
