@@ -14,10 +14,6 @@ import typer
 
 from align.errors import AlignError
 
-# Before torch loads OpenMP: idle worker threads sleep instead of spinning. With spinning, one other busy process
-# on a 2-core machine made each forward pass of a small model ~20x slower (threads waiting on a descheduled peer).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 app = typer.Typer(
     name="align",
     help="Align open language models: LoRA SFT -> reward model -> DPO/PPO, each stage a versioned artifact.",

@@ -94,8 +94,7 @@ def reply_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_siz
             hidden = models.decoder(model)(input_ids=input_ids.to(device),
                                            attention_mask=attention.to(device)).last_hidden_state  # [B, T, H]
             picked = hidden.gather(1, positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            logp = torch.log_softmax(models.lm_head(model)(picked).float(), dim=-1)  # [B, R, V]
-            token_logp = logp.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)  # [B, R]
+            token_logp = models.token_logprobs(model, picked, targets.to(device))[0]  # [B, R]
         for row, sample in enumerate(chunk):
             out.append(token_logp[row, : len(sample.reply_ids)].tolist())
     return out

@@ -293,6 +293,39 @@ def lm_head(model: Any) -> Any:
     return inner.get_output_embeddings()
 
 
+LOGITS_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 logits at a time
+
+
+def token_logprobs(model: Any, hidden: Any, tokens: Any, temperature: float = 1.0,
+                   entropy: bool = False) -> tuple[Any, Any]:
+    """log p(token) [B, R] at the sampling temperature, from the decoder's hidden states [B, R, H] at the
+    positions that predict `tokens` [B, R], and optionally the entropy [B, R] of those distributions.
+
+    The vocabulary projection runs over chunks of positions and, under autograd, each chunk is recomputed in
+    the backward pass instead of kept: a [B, R, V] logits tensor and its softmaxes are never held at once.
+    With a 49k-150k vocabulary those tensors, not the model, dominated a PPO step's memory."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from align.ppo.losses import entropy_from_logits
+
+    head = lm_head(model)
+
+    def project(states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(states).float() / temperature  # [C, V]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [C]
+        return logp, entropy_from_logits(logits) if entropy else logp.new_zeros(())
+
+    flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)  # [B*R, H], [B*R]
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    pieces = [checkpoint(project, flat_hidden[i:i + rows], flat_tokens[i:i + rows], use_reentrant=False)
+              if recompute else project(flat_hidden[i:i + rows], flat_tokens[i:i + rows])
+              for i in range(0, len(flat_tokens), rows)]
+    logp = torch.cat([p[0] for p in pieces]).reshape(tokens.shape)
+    return logp, torch.cat([p[1] for p in pieces]).reshape(tokens.shape) if entropy else None
+
+
 def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM") -> LoraConfig:
     from peft import LoraConfig
 

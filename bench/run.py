@@ -61,19 +61,25 @@ def eval_headline(registry: Path, name: str) -> str:
             f"distinct-2 {policy['distinct_2']:.2f}, win rate {report['win_rate']:.2f}")
 
 
-def ppo_memory_row(align: str, env: dict[str, str], label: str, recipe: str, registry: str) -> tuple[str, ...]:
-    """Peak RSS of `align ppo` (adapters on one base) over the same PPO with four separate model copies."""
-    peaks = {}
+def ppo_memory_rows(align: str, env: dict[str, str], label: str, recipe: str, registry: str) -> list[tuple[str, ...]]:
+    """`align ppo` with adapters on one base against the same PPO with four model copies: peak RSS of each run,
+    and the weight storage each holds (`weights_mib` in the manifest: distinct tensors over the four roles)."""
+    peaks, weights = {}, {}
     for models in ("shared", "separate"):
+        name = f"{label}-ppo-{models}"
         _, peaks[models], code = measure([align, "ppo", recipe, "--registry", registry, "--set", f"ppo.models={models}",
-                                          "--set", f"train.max_steps={PPO_MEMORY_STEPS}",
-                                          "--set", f"name={label}-ppo-{models}"], env)
+                                          "--set", f"train.max_steps={PPO_MEMORY_STEPS}", "--set", f"name={name}"], env)
         if code:
-            return (f"{label} PPO memory, ppo.models={models}", "-", "-", f"exit {code}")
+            return [(f"{label} PPO memory, ppo.models={models}", "-", "-", f"exit {code}")]
+        manifest = max(Path(registry).glob(f"{name}/v*/manifest.json"), key=lambda p: int(p.parent.name[1:]))
+        weights[models] = json.loads(manifest.read_text())["metrics"]["weights_mib"]
     ratio = peaks["shared"] / peaks["separate"]
-    return (f"{label} PPO peak RSS: one base + adapters / four model copies ({PPO_MEMORY_STEPS} steps)",
-            f"{ratio:.2f}x", f"{peaks['shared']:.0f} / {peaks['separate']:.0f} MiB",
-            "ok" if ratio <= PPO_RSS_TARGET else f"over the {PPO_RSS_TARGET}x target")
+    return [(f"{label} PPO peak RSS: one base + adapters / four model copies ({PPO_MEMORY_STEPS} steps)",
+             f"{ratio:.2f}x", f"{peaks['shared']:.0f} / {peaks['separate']:.0f} MiB",
+             "ok" if ratio <= PPO_RSS_TARGET else f"over the {PPO_RSS_TARGET}x target"),
+            (f"{label} PPO weights held: one base + adapters / four model copies",
+             f"{weights['shared'] / weights['separate']:.2f}x", "-",
+             f"{weights['shared']:.0f} / {weights['separate']:.0f} MiB")]
 
 
 def cpu_name() -> str:
@@ -96,8 +102,8 @@ def main() -> None:
     align = str(Path(sys.executable).with_name("align"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.ppo_memory:
-        row = ppo_memory_row(align, env, "demo", "recipes/demo/ppo.yaml", str(args.ppo_memory))
-        write_section(args.out, "## PPO memory on the demo model", [row])
+        rows = ppo_memory_rows(align, env, "demo", "recipes/demo/ppo.yaml", str(args.ppo_memory))
+        write_section(args.out, "## PPO memory on the demo model", rows)
         return
     rows = []
 
@@ -133,7 +139,7 @@ def main() -> None:
             ratio = peak["dpo"] / peak["sft"]
             rows.append((f"{label} DPO peak RSS / SFT peak RSS", f"{ratio:.2f}x", "-",
                          "ok" if ratio <= DPO_RSS_TARGET else f"over the {DPO_RSS_TARGET}x target"))
-            rows.append(ppo_memory_row(align, env, label, f"{recipes}/ppo.yaml", registry))
+            rows.extend(ppo_memory_rows(align, env, label, f"{recipes}/ppo.yaml", registry))
 
     write_section(args.out, "## Latest `make bench` run", rows)
 

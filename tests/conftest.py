@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-# As align's CLI does (align/cli.py), for the models tests load in this process: see the note there.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TINY_SFT = REPO / "recipes" / "tiny" / "sft.yaml"

@@ -71,3 +71,28 @@ def test_reply_logprobs_reads_the_reply_tokens_only() -> None:
     # sample 1: p(2 | 1) = 0.3, p(0 | 2) = 0.7; sample 2 (padded in the batch): p(1 | 2) = 0.2
     assert got[0] == pytest.approx([math.log(0.3), math.log(0.7)])
     assert got[1] == pytest.approx([math.log(0.2)])
+
+
+def test_token_logprobs_in_chunks_equal_the_full_softmax_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    from align import models
+    from align.ppo.losses import entropy_from_logits
+
+    torch.manual_seed(0)
+    model = FixedLogits(torch.softmax(torch.randn(11, 11), dim=-1))
+    hidden = torch.randn(3, 5, 11, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 5))
+    monkeypatch.setattr(models, "LOGITS_CHUNK_ELEMENTS", 11 * 4)  # 4 positions per chunk: 15 = 4 + 4 + 4 + 3
+
+    def loss_and_grads(logp: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss = (logp * torch.arange(5.0)).sum() + 0.5 * entropy.sum()
+        return (loss, *torch.autograd.grad(loss, [hidden, model.head.weight]))
+
+    logp, entropy = models.token_logprobs(model, hidden, tokens, temperature=0.7, entropy=True)
+    logits = model.head(hidden) / 0.7
+    expected_logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp, expected_logp)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits))
+    for got, expected in zip(loss_and_grads(logp, entropy), loss_and_grads(expected_logp, entropy_from_logits(logits)),
+                             strict=True):
+        torch.testing.assert_close(got, expected)
+    assert models.token_logprobs(model, hidden, tokens)[1] is None

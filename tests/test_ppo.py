@@ -123,7 +123,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path, reward
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
 
 
-def test_separate_models_give_the_same_run(reward_artifact: Path, sft_registry: Path, run_align: Callable) -> None:
+def test_separate_models_give_the_same_run(reward_artifact: Path, sft_registry: Path, run_align: Callable,
+                                           stories_dir: Path) -> None:
     """Four model copies instead of adapters on one: the same code path, the same numbers."""
     shared = run_align("ppo", PPO, "--registry", sft_registry, *SHORT, "--set", "train.max_steps=2",
                        "--set", "name=ppo-shared")
@@ -131,7 +132,15 @@ def test_separate_models_give_the_same_run(reward_artifact: Path, sft_registry: 
                          "--set", "name=ppo-separate", "--set", "ppo.models=separate")
     assert shared.returncode == 0, shared.stderr[-3000:]
     assert separate.returncode == 0, separate.stderr[-3000:]
-    assert manifest(sft_registry, "ppo-separate", 1)["metrics"]["models"] == "separate"
+    shared_metrics, separate_metrics = (manifest(sft_registry, name, 1)["metrics"] for name in ("ppo-shared",
+                                                                                               "ppo-separate"))
+    assert separate_metrics["models"] == "separate"
+    # The separate holder's three extra copies of the weights (reference, value, reward) are what sharing saves.
+    from transformers import AutoModelForCausalLM
+
+    one_copy = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(stories_dir).parameters())
+    saved = (separate_metrics["weights_mib"] - shared_metrics["weights_mib"]) * 2**20
+    assert saved == pytest.approx(3 * one_copy, rel=0.1)
     for a, b in zip(history(sft_registry, "ppo-shared", 1), history(sft_registry, "ppo-separate", 1), strict=True):
         for key in ("reward", "score", "kl", "policy_loss", "value_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key

@@ -9,6 +9,7 @@ comparison (`bench/`) and for reward models trained from a different starting po
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from torch import nn
 
 from align import models, scoring
 from align.errors import ArtifactError, RecipeError
-from align.models import decoder, lm_head
+from align.models import decoder
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
@@ -77,7 +78,7 @@ class ActorCritic(nn.Module):
         """Log-probs and entropy of the response tokens under the policy, and the value before each of them."""
         responses = input_ids[:, prompt_width:]  # [B, R]
         hidden = self.hidden("policy", input_ids, attention_mask, position_ids)[:, prompt_width - 1:-1]  # [B, R, H]
-        logprobs, entropy = token_logprobs(lm_head(self.policy)(hidden), responses, temperature, entropy=True)
+        logprobs, entropy = models.token_logprobs(self.policy, hidden, responses, temperature, entropy=True)
         value_hidden = self.hidden("value", input_ids, attention_mask, position_ids)[:, prompt_width - 1:-1]
         values = self.value_head(value_hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, R]
         return logprobs, entropy, values
@@ -85,17 +86,6 @@ class ActorCritic(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights PPO trains (policy and value adapters, value head), for checkpoints."""
         return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(token) [B, R] from logits [B, R, V] at the sampling temperature (the distribution the tokens were
-    drawn from), and optionally the entropy [B, R]."""
-    from align.ppo.losses import entropy_from_logits
-
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return logp, entropy_from_logits(logits) if entropy else None
 
 
 @dataclass
@@ -116,6 +106,17 @@ class Roles:
     def policy(self) -> Any:
         return self.actor_critic.policy
 
+    def weight_bytes(self) -> int:
+        """Bytes of distinct weight storage over all four roles (tied and shared tensors counted once): one copy
+        of the base plus adapters when shared, four copies when separate."""
+        storages: dict[int, int] = {}
+        for module in (self.actor_critic, self.reference_model, self.reward_model):
+            if module is not None:
+                for tensor in itertools.chain(module.parameters(), module.buffers()):
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                            prompt_width: int, temperature: float) -> torch.Tensor:
         """log p_ref of the response tokens [B, R]: the SFT model, i.e. the policy model with adapters off."""
@@ -126,8 +127,8 @@ class Roles:
                 hidden = decoder(model)(**kwargs).last_hidden_state
         else:
             hidden = decoder(model)(**kwargs).last_hidden_state
-        logits = lm_head(model)(hidden[:, prompt_width - 1:-1])
-        return token_logprobs(logits, input_ids[:, prompt_width:], temperature)[0]
+        return models.token_logprobs(model, hidden[:, prompt_width - 1:-1], input_ids[:, prompt_width:],
+                                     temperature)[0]
 
     def reward_scores(self, prompts: list[list[Message]], replies: list[str], batch_size: int) -> list[float]:
         """The reward model's score of each reply, tokenised exactly as the reward model was trained."""

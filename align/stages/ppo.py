@@ -87,6 +87,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "models": holder.layout,
+        "weights_mib": holder.weight_bytes() / 2**20,
     }
     final = run_state.run_dir / "final"
     _save_adapters(holder, final)
