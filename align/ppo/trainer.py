@@ -102,7 +102,9 @@ def ppo_update(model: Any, optimizer: Any, scheduler: Any, accelerator: Any, rol
                     value_loss, value_stats = losses.value_loss(values.float(), rollout.values[rows], returns[rows],
                                                                 mask, settings.cliprange_value)
                     mean_entropy = losses.masked_mean(entropy, mask)
-                    loss = policy_loss + settings.vf_coef * value_loss - settings.entropy_coef * mean_entropy
+                    loss = policy_loss + settings.vf_coef * value_loss
+                    if settings.entropy_coef:  # else entropy is only logged: no backward through its softmaxes
+                        loss = loss - settings.entropy_coef * mean_entropy
                     accelerator.backward(loss / accumulation)
                 stats["policy_loss"].append(policy_loss.item())
                 stats["value_loss"].append(value_loss.item())
