@@ -303,8 +303,11 @@ def compare(
         side = next(r["parent_model"] for r in results if r["parent"] == parent)
         row(f"{parent} (parent)", side, "0")
     for result in results:
-        row(result["artifact"], result["policy"], f"{result['kl']:.3f} ± {result['kl_stderr']:.3f}")
+        row(result["artifact"], result["policy"], _pm(result.get("kl"), result.get("kl_stderr"), "{:.3f}"))
     _console().print(table)
+    for result in results:
+        if result.get("kl_note"):
+            _console().print(f"{result['artifact']}: KL {result['kl_note']}")
     settings = {json.dumps({k: v for k, v in r["settings"].items() if k != "reward"}, sort_keys=True)
                 for r in results}
     if len(parents) > 1 or len(settings) > 1:
@@ -323,11 +326,20 @@ def _examples_table(result: dict[str, Any]) -> Any:
     return table
 
 
+def _pm(value: float | None, stderr: float | None, spec: str) -> str:
+    """`value ± stderr` in format `spec`; '–' when the value was not measured (null in eval.json, e.g. the KL of
+    greedy decoding); the value alone when it has no stderr (eval.json from before stderrs were recorded)."""
+    if value is None:
+        return "–"
+    return f"{spec.format(value)} ± {stderr:.3f}" if stderr is not None else spec.format(value)
+
+
 def _eval_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{result['artifact']} vs its parent {result['parent']}: {result['prompts']} prompts x "
-                        f"{result['settings']['num_samples']} samples (seed {result['settings']['seed']})")
+                        f"{result['settings']['num_samples']} samples (seed {result['settings']['seed']}, temperature "
+                        f"{result['settings'].get('temperature', 1.0)}); ± is a standard error clustered by prompt")
     for column in ("metric", "parent", "artifact", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     policy, parent = result["policy"], result["parent_model"]
@@ -338,11 +350,15 @@ def _eval_table(result: dict[str, Any]) -> Any:
     if "reward" in policy:
         table.add_row("reward", f"{parent['reward']:+.3f} ± {parent['reward_stderr']:.3f}",
                       f"{policy['reward']:+.3f} ± {policy['reward_stderr']:.3f}",
-                      f"{policy['reward'] - parent['reward']:+.3f}")
-    table.add_row("KL to parent (nats/seq)", "0", f"{result['kl']:.3f} ± {result['kl_stderr']:.3f}", "")
+                      _pm(policy["reward"] - parent["reward"], result.get("reward_delta_stderr"), "{:+.3f}"))
+    # KL at the sampling temperature; null (shown '–', with the reason) when greedy or top_p < 1 sampled.
+    table.add_row("KL to parent (nats/seq)", "0", _pm(result.get("kl"), result.get("kl_stderr"), "{:.3f}"), "")
+    if result.get("kl_note"):
+        table.caption = f"KL {result['kl_note']}"
     if "kl_per_token" in result:
-        table.add_row("KL to parent (nats/token)", "0", f"{result['kl_per_token']:.4f}", "")
-    table.add_row(f"win rate ({result['win_rate_by']})", "", f"{result['win_rate']:.3f}", "")
+        table.add_row("KL to parent (nats/token)", "0", _pm(result["kl_per_token"], None, "{:.4f}"), "")
+    table.add_row(f"win rate ({result['win_rate_by']})", "",
+                  _pm(result["win_rate"], result.get("win_rate_stderr"), "{:.3f}"), "")
     for key, label in (("length_tokens", "length (tokens)"), ("distinct_2", "distinct-2"),
                        ("ref_nll_per_token", "reference NLL / token")):
         table.add_row(label, f"{parent[key]:.3f}", f"{policy[key]:.3f}", f"{policy[key] - parent[key]:+.3f}")

@@ -2,7 +2,8 @@
 
 Both models are one object: the parent (base + adapter chain, merged) with the artifact's adapter attached;
 `disable_adapter()` gives the parent, which is also the KL/NLL reference (DPO's and PPO's reference). Every
-score is a mean over prompts x samples with its standard error, from a fixed sampling seed.
+score is a mean over prompts x samples from a fixed sampling seed; its standard error is clustered by prompt
+(computed over per-prompt means), because the samples of one prompt are not independent of each other.
 """
 
 from __future__ import annotations
@@ -52,28 +53,97 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
+def clustered_mean_stderr(values: Sequence[float], group_size: int) -> tuple[float, float]:
+    """Mean of `values` and its standard error clustered by group: `values` are laid out group-major
+    (`group_size` consecutive values per prompt) and the standard error is that of the per-group means.
+
+    The samples of one prompt share that prompt, so their scores are correlated: treating prompts x samples as
+    independent understates the standard error (by up to sqrt(group_size) when a prompt's samples agree).
+    With equal group sizes the mean of group means is the plain mean. Stderr 0 with fewer than 2 groups."""
+    if group_size < 1:
+        raise ValueError(f"group size must be >= 1, not {group_size}")
+    if not values or len(values) % group_size:
+        raise ValueError(f"{len(values)} values do not split into groups of {group_size}")
+    groups = [values[i:i + group_size] for i in range(0, len(values), group_size)]
+    return mean_stderr([sum(group) / group_size for group in groups])
+
+
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     """Share of unique word n-grams among all n-grams of all texts: low values mean repetitive, collapsed text."""
     grams = [tuple(words[i:i + n]) for text in texts for words in [text.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def win_rate(policy: Sequence[float], baseline: Sequence[float]) -> float:
-    """Share of paired samples where the policy scores higher; ties count half."""
+def paired_delta(policy: Sequence[float], baseline: Sequence[float], group_size: int) -> tuple[float, float]:
+    """Mean of policy - baseline over paired samples (same prompt, same sample index) and its stderr clustered by
+    prompt: pairing cancels how hard each prompt is, so this stderr is smaller than the two sides' combined."""
+    if len(policy) != len(baseline):
+        raise ValueError("a paired difference needs equally many scores on both sides")
+    return clustered_mean_stderr([a - b for a, b in zip(policy, baseline, strict=True)], group_size)
+
+
+def wins(policy: Sequence[float], baseline: Sequence[float]) -> list[float]:
+    """Per paired sample: 1 when the policy scores higher, 0.5 on a tie, 0 otherwise."""
     if len(policy) != len(baseline) or not policy:
         raise ValueError("win rate needs equally many, and some, paired scores")
-    return sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy, baseline, strict=True)) / len(policy)
+    return [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy, baseline, strict=True)]
 
 
-def reply_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 16) -> list[list[float]]:
-    """log p(token) of every reply token given its prompt and the reply so far, one list per sample.
+def win_rate(policy: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of paired samples where the policy scores higher; ties count half."""
+    outcomes = wins(policy, baseline)
+    return sum(outcomes) / len(outcomes)
+
+
+def win_rate_stderr(policy: Sequence[float], baseline: Sequence[float], group_size: int) -> float:
+    """Standard error of the win rate, clustered by prompt: over the per-prompt win shares."""
+    return clustered_mean_stderr(wins(policy, baseline), group_size)[1]
+
+
+def kl_note(temperature: float, top_p: float) -> str | None:
+    """Why KL(policy || parent) over the full softmax at `temperature` would not describe what was sampled, or
+    None when it does. Greedy decoding is a point mass, not softmax(logits / T); nucleus sampling renormalises
+    over a prefix of the vocabulary that differs between the two models. Either way a number would mislead."""
+    if temperature <= 0:
+        return "not measured: greedy decoding (temperature 0) samples no softmax distribution"
+    if top_p < 1:
+        return (f"not measured: top_p={top_p} samples a truncated distribution; the full-softmax KL at the "
+                "sampling temperature would not describe it")
+    return None
+
+
+def kl_fields(policy_logp: list[list[float]] | None, ref_logp: list[list[float]] | None, group_size: int,
+              note: str | None) -> dict[str, float | str | None]:
+    """KL(policy || parent) of the sampled distributions, from both models' log-probs of the policy's own
+    samples at the sampling temperature: per sequence (k1 estimate: sum of log-ratios; mean and clustered
+    stderr) and per reply token (total over total tokens). All null, with `note` saying why, when `note` is set."""
+    if note is not None or policy_logp is None or ref_logp is None:
+        return {"kl": None, "kl_stderr": None, "kl_per_token": None, "kl_note": note or "not measured"}
+    per_sequence = [sum(a) - sum(b) for a, b in zip(policy_logp, ref_logp, strict=True)]
+    kl, kl_se = clustered_mean_stderr(per_sequence, group_size)
+    tokens = sum(len(a) for a in policy_logp)
+    # Per reply token, the unit TRL's GRPO/RLOO logs use; a collapsed policy shows several nats here.
+    return {"kl": kl, "kl_stderr": kl_se, "kl_per_token": sum(per_sequence) / max(tokens, 1), "kl_note": None}
+
+
+def reply_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 16,
+                   temperature: float = 1.0) -> list[list[float]]:
+    """log p(token) of every reply token given its prompt and the reply so far, one list per sample, with p =
+    softmax(logits / temperature)."""
+    return reply_logprobs_at(model, samples, pad_id, (temperature,), batch_size)[0]
+
+
+def reply_logprobs_at(model: Any, samples: Sequence[Sample], pad_id: int, temperatures: Sequence[float],
+                      batch_size: int = 16) -> list[list[list[float]]]:
+    """`reply_logprobs` at each of `temperatures` (one list of per-sample lists per temperature), from one pass
+    of the decoder: only the vocabulary projection is repeated per temperature.
 
     The vocabulary projection runs only at the positions that predict reply tokens: with a 49k vocabulary,
     projecting every prompt position too made this the slowest part of an evaluation."""
     import torch
 
     device = next(model.parameters()).device
-    out: list[list[float]] = []
+    out: list[list[list[float]]] = [[] for _ in temperatures]
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         sequences = [s.prompt_ids + s.reply_ids for s in chunk]
@@ -94,28 +164,53 @@ def reply_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_siz
             hidden = models.decoder(model)(input_ids=input_ids.to(device),
                                            attention_mask=attention.to(device)).last_hidden_state  # [B, T, H]
             picked = hidden.gather(1, positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            token_logp = models.token_logprobs(model, picked, targets.to(device))[0]  # [B, R]
-        for row, sample in enumerate(chunk):
-            out.append(token_logp[row, : len(sample.reply_ids)].tolist())
+            token_logp = [models.token_logprobs(model, picked, targets.to(device), temperature=t)[0]  # [B, R]
+                          for t in temperatures]
+        for per_temperature, logp in zip(out, token_logp, strict=True):
+            per_temperature.extend(logp[row, : len(sample.reply_ids)].tolist() for row, sample in enumerate(chunk))
     return out
 
 
 # ---- the evaluation -------------------------------------------------------------------------------------------
 
 
+def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sample], pad_id: int,
+                              settings: EvalSettings) -> tuple[list[list[float]], list[list[float]], dict[str, Any]]:
+    """The reference's (adapter off) log-probs at temperature 1 of the policy's and of the parent's samples,
+    for the NLL guard, and the `kl_fields` of KL(policy || parent) on the policy's samples.
+
+    The KL is of the distributions sampled: both models' log-probs at the sampling temperature, or none at all
+    when the sampling was greedy or truncated (see `kl_note`). The reference NLL stays at temperature 1: it is a
+    fluency guard of the text under the reference model itself, not a property of the sampling distribution,
+    so it is comparable across sampling settings."""
+    note = kl_note(settings.temperature, settings.top_p)
+    # One decoder pass over the policy's samples serves both temperatures (a second projection only when T != 1).
+    temperatures = (1.0,) if note is not None or settings.temperature == 1.0 else (1.0, settings.temperature)
+    with model.disable_adapter():
+        ref_on_policy, *ref_at_t = reply_logprobs_at(model, policy, pad_id, temperatures, settings.batch_size)
+        ref_on_parent = reply_logprobs(model, parent, pad_id, settings.batch_size)
+    if note is not None:
+        return ref_on_policy, ref_on_parent, kl_fields(None, None, settings.num_samples, note)
+    policy_at_t = reply_logprobs(model, policy, pad_id, settings.batch_size, temperature=settings.temperature)
+    ref_policy_at_t = ref_at_t[0] if ref_at_t else ref_on_policy
+    return ref_on_policy, ref_on_parent, kl_fields(policy_at_t, ref_policy_at_t, settings.num_samples, None)
+
+
 def _side(samples: list[Sample], logp_ref: list[list[float]], judge_scores: list[float],
-          reward_scores: list[float] | None) -> dict[str, Any]:
-    """Summary of one model's samples; NLL is the reference model's, per token."""
-    judge_mean, judge_se = mean_stderr(judge_scores)
+          reward_scores: list[float] | None, group_size: int) -> dict[str, Any]:
+    """Summary of one model's samples; NLL is the reference model's, per token. Stderrs clustered by prompt."""
+    judge_mean, judge_se = clustered_mean_stderr(judge_scores, group_size)
     tokens = [len(s.reply_ids) for s in samples]
     summary = {
         "judge": judge_mean, "judge_stderr": judge_se,
         "length_tokens": sum(tokens) / len(tokens),
         "distinct_2": distinct_n([s.text for s in samples]),
         "ref_nll_per_token": -sum(map(sum, logp_ref)) / max(sum(tokens), 1),
+        # Replies cut off at max_new_tokens (no stop token): their length and scores describe a cut text.
+        "truncated_share": sum(not s.ended for s in samples) / len(samples),
     }
     if reward_scores is not None:
-        summary["reward"], summary["reward_stderr"] = mean_stderr(reward_scores)
+        summary["reward"], summary["reward_stderr"] = clustered_mean_stderr(reward_scores, group_size)
     return summary
 
 
@@ -140,9 +235,9 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
     policy = generation.generate_samples(model, tokenizer, prompts, progress="sampling the artifact", **sampling)
     with model.disable_adapter():
         parent = generation.generate_samples(model, tokenizer, prompts, progress="sampling its parent", **sampling)
-        ref_on_policy = reply_logprobs(model, policy, tokenizer.pad_token_id, settings.batch_size)
-        ref_on_parent = reply_logprobs(model, parent, tokenizer.pad_token_id, settings.batch_size)
-    policy_logp = reply_logprobs(model, policy, tokenizer.pad_token_id, settings.batch_size)
+    ref_on_policy, ref_on_parent, kl = reference_logprobs_and_kl(model, policy, parent, tokenizer.pad_token_id,
+                                                                 settings)
+    group = settings.num_samples
 
     judge_policy = judge(prompts, [s.text for s in policy])
     judge_parent = judge(prompts, [s.text for s in parent])
@@ -160,12 +255,15 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
 
         reward_policy, reward_parent = reward_of(policy), reward_of(parent)
 
-    # KL(policy || parent) per sequence, estimated on the policy's own samples (k1: sum of log-ratios).
-    kl = [sum(a) - sum(b) for a, b in zip(policy_logp, ref_on_policy, strict=True)]
-    kl_mean, kl_se = mean_stderr(kl)
-    policy_side = _side(policy, ref_on_policy, judge_policy, reward_policy)
-    parent_side = _side(parent, ref_on_parent, judge_parent, reward_parent)
+    policy_side = _side(policy, ref_on_policy, judge_policy, reward_policy, group)
+    parent_side = _side(parent, ref_on_parent, judge_parent, reward_parent, group)
     wins_on = reward_policy is not None
+    win_policy, win_parent = (reward_policy, reward_parent) if wins_on else (judge_policy, judge_parent)
+    judge_delta, judge_delta_se = paired_delta(judge_policy, judge_parent, group)
+    deltas = {"judge_delta": judge_delta, "judge_delta_stderr": judge_delta_se}
+    if reward_policy is not None and reward_parent is not None:
+        reward_delta, reward_delta_se = paired_delta(reward_policy, reward_parent, group)
+        deltas |= {"reward_delta": reward_delta, "reward_delta_stderr": reward_delta_se}
     result = {
         "artifact": artifact.ref,
         "parent": (artifact.manifest.get("adapter_chain") or [{"ref": artifact.manifest["base_model"]["spec"]}])[-1]
@@ -175,14 +273,12 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
         "samples": len(prompts),
         "policy": policy_side,
         "parent_model": parent_side,
-        "judge_delta": policy_side["judge"] - parent_side["judge"],
-        "judge_delta_stderr": mean_stderr([a - b for a, b in zip(judge_policy, judge_parent, strict=True)])[1],
-        "kl": kl_mean,
-        "kl_stderr": kl_se,
-        # Per reply token, the unit TRL's GRPO/RLOO logs use; a collapsed policy shows several nats here.
-        "kl_per_token": sum(kl) / max(sum(len(s.reply_ids) for s in policy), 1),
+        **deltas,
+        # KL(policy || parent) at the sampling temperature: kl (nats/sequence), kl_stderr, kl_per_token, kl_note.
+        **kl,
         "ref_nll_rise": policy_side["ref_nll_per_token"] - parent_side["ref_nll_per_token"],
-        "win_rate": win_rate(reward_policy if wins_on else judge_policy, reward_parent if wins_on else judge_parent),
+        "win_rate": win_rate(win_policy, win_parent),
+        "win_rate_stderr": win_rate_stderr(win_policy, win_parent, group),
         "win_rate_by": f"reward:{reward_artifact.ref}" if wins_on else settings.judge,
         "examples": [
             {"prompt": p[-1]["content"], "parent": b.text, "artifact": a.text, "judge_parent": jb, "judge_artifact": ja}

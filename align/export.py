@@ -161,6 +161,9 @@ def _provenance(artifact: Artifact, model: PreTrainedModel, head: str) -> dict[s
         "adapter_chain": manifest.get("adapter_chain", []),
         # How inputs were formatted in training ("none": plain text), since the tokenizer may carry a template anyway.
         "chat_template": (manifest.get("adapter") or {}).get("chat_template"),
+        # A reward model's score statistics on its eval pairs, so `ppo.reward_model: DIR` normalises as the
+        # artifact would (None for policies).
+        "normalisation": (manifest.get("adapter") or {}).get("normalisation"),
         # Everything folded into the weights, oldest first: the chain, then the artifact's own adapter.
         "merged_adapters": [entry["ref"] for entry in adapter_chain(artifact)],
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),

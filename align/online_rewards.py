@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from align import judges, runtime
+from align import generation, judges, runtime
 from align.errors import ArtifactError, RecipeError
 
 if TYPE_CHECKING:
@@ -72,11 +72,8 @@ def resolve(recipe: Recipe, registry: Registry) -> RewardSpec:
             raise ArtifactError(f"{stage}.reward_model: {artifact.ref} is a {artifact.manifest.get('stage')} "
                                 "artifact, not a reward model (train one with `align reward`)")
         if section.normalize_reward:
-            normalisation = artifact.manifest.get("adapter", {}).get("normalisation")
-            if not normalisation or not normalisation.get("std"):
-                raise ArtifactError(f"{stage}.normalize_reward: {artifact.ref} records no score mean/std; "
-                                    f"set {stage}.normalize_reward: false")
-            normalisation = {"mean": float(normalisation["mean"]), "std": float(normalisation["std"])}
+            normalisation = reward_normalisation(artifact.manifest.get("adapter", {}).get("normalisation"),
+                                                 artifact.ref, stage)
         parents.append((artifact, "reward"))
     judge = None
     if section.reward_function is not None:
@@ -85,6 +82,23 @@ def resolve(recipe: Recipe, registry: Registry) -> RewardSpec:
             parents.append((judge_artifact, "reward_function"))
     return RewardSpec(artifact, normalisation, section.reward_function, section.reward_function_weight,
                       section.missing_eos_penalty, judge, parents)
+
+
+def reward_normalisation(recorded: dict[str, Any] | None, source: str, stage: str) -> dict[str, float]:
+    """The one normalisation rule of ppo, grpo and rloo: with `normalize_reward` (the default) a reward model's
+    score becomes (score - mean) / std with the mean/std it recorded on its eval pairs. A model that recorded
+    none, or a std that is not a positive finite number (every eval score equal), cannot be normalised: that is
+    an error naming the way out, never a silent raw score or a division by a tiny epsilon."""
+    import math
+
+    mean, std = (recorded or {}).get("mean"), (recorded or {}).get("std")
+    if mean is None or std is None:
+        raise ArtifactError(f"{stage}.normalize_reward: {source} records no score mean/std to normalise with; "
+                            f"set {stage}.normalize_reward: false to use its raw scores")
+    if not (math.isfinite(float(mean)) and math.isfinite(float(std)) and float(std) > 1e-6):
+        raise ArtifactError(f"{stage}.normalize_reward: {source} records a score std of {std} (its eval scores do "
+                            f"not vary), which cannot normalise; set {stage}.normalize_reward: false")
+    return {"mean": float(mean), "std": float(std)}
 
 
 def check_batch(recipe: Recipe) -> None:
@@ -116,14 +130,17 @@ def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: 
     reward = resolve(recipe, registry)
     inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
     settings = getattr(inputs.recipe, recipe.stage)
-    reward_fn = reward_function(reward, registry, inputs.tokenizer)
+    reward_fn = reward_function(reward, registry, inputs.tokenizer,
+                                generation.stop_token_ids(inputs.model, inputs.tokenizer))
     padding_side, inputs.tokenizer.padding_side = inputs.tokenizer.padding_side, "left"  # TRL generates left-padded
     import trl
 
     online = training.build_trainer(getattr(trl, f"{trainer}Trainer"), getattr(trl, f"{trainer}Config"), inputs,
                                     task_type="CAUSAL_LM", trainer_kwargs={"reward_funcs": [reward_fn]},
                                     **sampling_config(inputs.recipe), **stage_config)
-    train_metrics = training.train(online, inputs.run)
+    # TRL's sampling config leaves min_p & co. unset, which generate() would fill from the checkpoint's settings.
+    with generation.checkpoint_settings_ignored(online.model, inputs.tokenizer):
+        train_metrics = training.train(online, inputs.run)
     inputs.tokenizer.padding_side = padding_side
     return training.publish_adapter(online, inputs, task_type="CAUSAL_LM",
                                     metrics=rollout_metrics(online.state.log_history), train_metrics=train_metrics,
@@ -132,21 +149,26 @@ def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: 
 
 
 def sampling_config(recipe: Recipe) -> dict[str, Any]:
-    """The TRL config fields GRPOConfig and RLOOConfig share, from the recipe's stage section."""
+    """The TRL config fields GRPOConfig and RLOOConfig share, from the recipe's stage section. Dropout is off
+    (TRL's default leaves it on for these trainers), so the policy/reference log-ratio is not dropout noise, and
+    top_k/min_p/repetition_penalty are pinned off, so the log-probs TRL computes describe what it sampled."""
     section = getattr(recipe, recipe.stage)
     return {"beta": section.beta, "num_generations": section.num_generations, "epsilon": section.epsilon,
             "num_iterations": section.num_iterations, "max_completion_length": section.max_new_tokens,
-            "temperature": section.temperature, "top_p": section.top_p}
+            "temperature": section.temperature, "top_p": section.top_p, "top_k": 0, "min_p": None,
+            "repetition_penalty": 1.0, "disable_dropout": True,
+            "mask_truncated_completions": section.mask_truncated_completions}
 
 
-def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any, *, dtype: Any = None,
-                    batch_size: int = 64) -> Callable[..., list[float]]:
-    """Load the scorers and return TRL's reward callable `f(prompts, completions, completion_ids, **kw)`."""
+def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any, stop_ids: list[int], *,
+                    dtype: Any = None, batch_size: int = 64) -> Callable[..., list[float]]:
+    """Load the scorers and return TRL's reward callable `f(prompts, completions, completion_ids, **kw)`.
+    `stop_ids` (`generation.stop_token_ids` of the policy): a completion that ends with one of them ended."""
     import torch
     from accelerate import PartialState
 
     from align import models, scoring
-    from align.generation import _reply_text
+    from align.generation import reply_text
 
     scorer = score_tokenizer = None
     judge = spec.judge
@@ -157,7 +179,7 @@ def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any,
         scorer.requires_grad_(False)
         rm_template = artifact.manifest["adapter"].get("chat_template", "auto")
         rm_max_length = artifact.manifest["recipe"]["train"]["max_length"]
-    eos_ids = {policy_tokenizer.eos_token_id}
+    eos_ids = set(stop_ids)
 
     def reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
                **kwargs: Any) -> list[float]:
@@ -165,7 +187,7 @@ def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any,
         messages = [[{"role": "user", "content": p}] if plain else p for p in prompts]
         if plain:  # decoding the reply alone drops its leading space: decode it after its prompt, as eval does
             prompt_ids = policy_tokenizer(list(prompts))["input_ids"]
-            replies = [_reply_text(policy_tokenizer, p, c, "none") for p, c in zip(prompt_ids, completion_ids,
+            replies = [reply_text(policy_tokenizer, p, c, "none") for p, c in zip(prompt_ids, completion_ids,
                                                                                      strict=True)]
         else:
             replies = [c[-1]["content"].strip() for c in completions]
@@ -197,7 +219,7 @@ def combine(scores: list[float] | None, normalisation: dict[str, float] | None, 
     total = [0.0] * len(ended)
     if scores is not None:
         if normalisation:
-            scores = [(s - normalisation["mean"]) / max(normalisation["std"], 1e-6) for s in scores]
+            scores = [(s - normalisation["mean"]) / normalisation["std"] for s in scores]
         total = [t + s for t, s in zip(total, scores, strict=True)]
     if judged is not None:
         total = [t + judge_weight * j for t, j in zip(total, judged, strict=True)]
@@ -207,10 +229,15 @@ def combine(scores: list[float] | None, normalisation: dict[str, float] | None, 
 
 
 def rollout_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean reward of the first and last logged training steps, and the last KL to the reference."""
+    """Mean reward of the first and last logged training steps, and the last KL to the reference under the names
+    ppo and eval use: `kl_last` in nats per sequence, `kl_per_token_last` in nats per token. TRL logs `kl` as a
+    mean over all completion tokens, so per sequence it is that times the mean completion length."""
     logs = [entry for entry in log_history if "reward" in entry and "train_runtime" not in entry]
     if not logs:
-        return {"reward_first": None, "reward_last": None, "kl_last": None}
-    return {"reward_first": logs[0]["reward"], "reward_last": logs[-1]["reward"], "kl_last": logs[-1].get("kl"),
-            "completion_length_last": logs[-1].get("completions/mean_length"),
-            "clipped_ratio_last": logs[-1].get("completions/clipped_ratio")}
+        return {"reward_first": None, "reward_last": None, "kl_last": None, "kl_per_token_last": None}
+    last = logs[-1]
+    per_token, length = last.get("kl"), last.get("completions/mean_length")
+    return {"reward_first": logs[0]["reward"], "reward_last": last["reward"],
+            "kl_last": per_token * length if per_token is not None and length is not None else None,
+            "kl_per_token_last": per_token, "completion_length_last": length,
+            "clipped_ratio_last": last.get("completions/clipped_ratio")}

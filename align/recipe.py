@@ -161,6 +161,11 @@ class PairsSection(_Section):
         "best_worst", description="best_worst: one pair per prompt; all_pairs: every ordered pair above min_margin"
     )
     min_margin: float = Field(0.0, ge=0, description="Keep a pair only when its judge scores differ by more")
+    # A reply cut at max_new_tokens has no stop token; trained as it stands, DPO would close it (EOS or the
+    # template's end of turn) and so teach the model to stop where it was cut.
+    truncated: Literal["drop", "keep_open", "keep"] = Field(
+        "drop", description="Replies cut off at max_new_tokens: drop: never paired | keep_open: paired, and DPO "
+                            "appends no EOS or end of turn after them | keep: paired and closed as if they ended")
     seed: int = 0
 
 
@@ -209,7 +214,16 @@ class PpoSection(_RlSection):
     entropy_coef: float = Field(0.0, ge=0)
     whiten_rewards: bool = False
     value_from_reward: bool = Field(True, description="Initialise the value adapter and head from the reward "
-                                                      "model (InstructGPT); else a fresh adapter and a zero head")
+                                                      "model (InstructGPT), on the reward's scale after "
+                                                      "normalisation; else a fresh adapter and a zero head")
+
+    @model_validator(mode="after")
+    def _full_softmax_sampling(self) -> PpoSection:
+        if self.top_p < 1:
+            raise ValueError("top_p < 1 is not supported by ppo: its ratios and KL penalty use the whole "
+                             "softmax(logits / temperature), so nucleus sampling would train on another policy "
+                             "than the one that sampled; use temperature to sharpen sampling")
+        return self
 
 
 class GrpoSection(_RlSection):
@@ -219,6 +233,9 @@ class GrpoSection(_RlSection):
     num_generations: int = Field(4, ge=2, description="Replies per prompt forming one group")
     epsilon: float = Field(0.2, gt=0)
     num_iterations: int = Field(1, gt=0)
+    mask_truncated_completions: bool = Field(
+        False, description="Leave replies cut off at max_new_tokens out of the loss (TRL's option): they did not "
+                           "end, so their last tokens should not be reinforced as an ending")
     scale_rewards: Literal["group", "batch", "none"] = "group"
 
 
@@ -229,6 +246,9 @@ class RlooSection(_RlSection):
     num_generations: int = Field(4, ge=2, description="Replies per prompt; each is baselined by the others")
     epsilon: float = Field(0.2, gt=0)
     num_iterations: int = Field(1, gt=0)
+    mask_truncated_completions: bool = Field(
+        False, description="Leave replies cut off at max_new_tokens out of the loss (TRL's option): they did not "
+                           "end, so their last tokens should not be reinforced as an ending")
     normalize_advantages: bool = False
 
 
@@ -239,6 +259,22 @@ class LaunchSection(_Section):
 
 class OutputSection(_Section):
     root: str = Field("artifacts", description="Registry root, relative to the working directory")
+
+
+OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output_layer")
+
+
+def _refuse_output_layer_adapters(lora: LoraSection) -> None:
+    """PPO's reference is "adapters disabled" and its log-probs project hidden states with the output layer
+    outside PEFT's forward, in chunks recomputed during backward, while roles switch adapters: an adapted output
+    layer would score the reference and the policy through whichever adapter happens to be active."""
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+    named = [name for name in [*targets, *(lora.modules_to_save or [])]
+             if any(layer in name for layer in OUTPUT_LAYER_NAMES)]
+    if named:
+        raise ValueError(f"lora: {', '.join(named)} adapts the output layer, which align ppo does not support: "
+                         "its reference is the model with adapters disabled and its log-probs use the output "
+                         "layer directly; adapt the decoder layers only")
 
 
 class Recipe(_Section):
@@ -271,6 +307,8 @@ class Recipe(_Section):
         if self.stage in ("ppo", "grpo", "rloo") and getattr(self, self.stage) is None:
             raise ValueError(f"stage '{self.stage}' needs a '{self.stage}' section naming at least its reward "
                              f"(e.g. {self.stage}: {{reward_model: NAME@latest}})")
+        if self.stage == "ppo":
+            _refuse_output_layer_adapters(self.lora)
         return self
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 

@@ -470,48 +470,145 @@ def _device_text(value: Any) -> str | None:
 # ---- evaluation: frontier, comparison, samples ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One evaluated policy in one frontier panel: its rise over its parent at its KL to that parent."""
+
+    ref: str
+    stage: str
+    kl: float  # nats per sequence
+    kl_stderr: float | None
+    rise: float  # policy minus parent, in the panel's score
+    rise_stderr: float | None
+    parent: str
+    parent_score: float | None  # the parent's own score (the rise is measured from it)
+    label: str  # the stage's KL coefficient from the recipe, e.g. "β=0.1"; else the ref
+
+
+# Where each stage keeps its KL coefficient, and how a point is labelled with it.
+_KL_COEFFICIENTS = {"ppo": ("kl_coef", "kl_coef"), "grpo": ("beta", "β"), "rloo": ("beta", "β"),
+                    "dpo": ("beta", "β")}
+_FRONTIER_STAGE_ORDER = ("sft", "dpo", "ppo", "grpo", "rloo")
+
+
+def frontier_series(evals: list[tuple[Artifact, dict[str, Any]]]) -> dict[str, dict[str, list[FrontierPoint]]]:
+    """Frontier points by panel, then by stage (method), each stage's points in KL order.
+
+    One panel per eval judge (`settings.judge`: the objective), titled `judge SPEC`, with the judge rise over the
+    parent (`judge_delta` ± `judge_delta_stderr`, paired); and one per reward model scored beside it
+    (`settings.reward`), titled `reward model REF`, with the reward rise (± `reward_delta_stderr`, or the parent's
+    and policy's stderrs in quadrature for older eval.json files). x is `kl`, nats per sequence; an evaluation
+    without a KL (null: greedy or top_p < 1) is left out.
+    Every field is read defensively: eval.json may come from another version of `align eval`."""
+    panels: dict[str, dict[str, list[FrontierPoint]]] = {}
+    for artifact, result in evals:
+        kl = _number(result.get("kl"))
+        if kl is None:
+            continue
+        policy = result.get("policy") if isinstance(result.get("policy"), dict) else {}
+        parent = result.get("parent_model") if isinstance(result.get("parent_model"), dict) else {}
+        settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+        stage = str(artifact.manifest.get("stage") or "?")
+        common = {"ref": artifact.ref, "stage": stage, "kl": kl, "kl_stderr": _number(result.get("kl_stderr")),
+                  "parent": str(result.get("parent") or "parent"), "label": _coefficient_label(artifact)}
+        judge_score, parent_judge = _number(policy.get("judge")), _number(parent.get("judge"))
+        rise = _number(result.get("judge_delta"))
+        if rise is None and judge_score is not None and parent_judge is not None:
+            rise = judge_score - parent_judge
+        if rise is not None:
+            panel = f"judge {settings.get('judge') or '?'}"
+            panels.setdefault(panel, {}).setdefault(stage, []).append(FrontierPoint(
+                rise=rise, rise_stderr=_number(result.get("judge_delta_stderr")), parent_score=parent_judge,
+                **common))
+        reward_score, parent_reward = _number(policy.get("reward")), _number(parent.get("reward"))
+        if reward_score is not None and parent_reward is not None:
+            # The paired stderr when eval recorded it; else the two sides' in quadrature (an overestimate).
+            errors = [_number(policy.get("reward_stderr")), _number(parent.get("reward_stderr"))]
+            stderr = _number(result.get("reward_delta_stderr"))
+            if stderr is None and None not in errors:
+                stderr = math.hypot(*errors)
+            panel = f"reward model {settings.get('reward') or '?'}"
+            panels.setdefault(panel, {}).setdefault(stage, []).append(FrontierPoint(
+                rise=reward_score - parent_reward, rise_stderr=stderr, parent_score=parent_reward, **common))
+    order = {stage: index for index, stage in enumerate(_FRONTIER_STAGE_ORDER)}
+    return {panel: {stage: sorted(by_stage[stage], key=lambda p: (p.kl, p.ref))
+                    for stage in sorted(by_stage, key=lambda s: (order.get(s, len(order)), s))}
+            for panel, by_stage in sorted(panels.items(), key=lambda item: (item[0].startswith("reward"), item[0]))}
+
+
+def _coefficient_label(artifact: Artifact) -> str:
+    """`β=0.1` / `kl_coef=0.05` from the artifact's recipe; the ref when the recipe does not say."""
+    stage = artifact.manifest.get("stage")
+    recipe = artifact.manifest.get("recipe") if isinstance(artifact.manifest.get("recipe"), dict) else {}
+    section = recipe.get(stage) if isinstance(recipe.get(stage), dict) else {}
+    if stage == "ppo" and _number(section.get("target_kl")) is not None:
+        return f"target_kl={_number(section['target_kl']):g}"
+    key, symbol = _KL_COEFFICIENTS.get(str(stage), (None, None))
+    value = _number(section.get(key)) if key else None
+    return f"{symbol}={value:g}" if value is not None else artifact.ref
+
+
+def _plain(text: str) -> str:
+    """Text for a matplotlib label: `$` would start mathtext (and fail on arbitrary eval.json content)."""
+    return text.replace("$", r"\$")
+
+
 def plot_frontier(evals: list[tuple[Artifact, dict[str, Any]]]) -> bytes:
-    """Judge (and reward, when scored) against KL to the parent; each parent sits at KL 0, linked to its child."""
+    """The reward–KL frontier (Rafailov et al. 2023, fig. 2): one panel per eval judge (then per reward model),
+    rise over the parent against KL(policy ‖ parent) per sequence; the parent at (0, 0); each stage (method) one
+    colour, its points joined from the parent in KL order and labelled by KL coefficient; stderr error bars."""
     from matplotlib.figure import Figure
 
-    panels = [("judge", "judge score")]
-    if any("reward" in result["policy"] for _, result in evals):
-        panels.append(("reward", "reward-model score"))
-    fig = Figure(figsize=(6.2 * len(panels), 4.6), dpi=100, layout="constrained")
-    fig.suptitle("reward–KL frontier: score against KL(policy ‖ parent), nats per sequence", fontsize=11)
-    for ax, (key, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        _frontier_panel(ax, evals, key)
+    panels = frontier_series(evals)
+    columns = min(max(len(panels), 1), 3)
+    rows = max(math.ceil(len(panels) / columns), 1)
+    fig = Figure(figsize=(6.0 * columns, 4.6 * rows), dpi=100, layout="constrained")
+    fig.suptitle("reward–KL frontier: rise over the parent against KL(policy ‖ parent), nats per sequence",
+                 fontsize=11)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    if not panels:
+        axes[0].text(0.5, 0.5, "no evaluation with a KL to plot", ha="center", va="center", fontsize=10,
+                     transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    for ax, (title, by_stage) in zip(axes, panels.items(), strict=False):
+        _frontier_panel(ax, by_stage)
+        ax.set_title(_plain(_clip(title, 70)), fontsize=10)
         ax.set_xlabel("KL to parent (nats / sequence)", fontsize=9)
-        ax.set_ylabel(label, fontsize=9)
+        ax.set_ylabel(_plain(_clip(title.split(" ")[0] + " rise over the parent", 70)), fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
+    for ax in axes[len(panels):] if panels else axes[1:]:
+        ax.set_axis_off()
     return _png(fig)
 
 
-def _frontier_panel(ax: Any, evals: list[tuple[Artifact, dict[str, Any]]], key: str) -> None:
-    """One panel: parent points (grey squares) at KL 0, policy points with error bars, all labelled by ref."""
-    parents_drawn: set[str] = set()
-    for index, (artifact, result) in enumerate(evals):
-        policy, parent = result["policy"], result["parent_model"]
-        y, y0, kl = _number(policy.get(key)), _number(parent.get(key)), _number(result.get("kl"))
-        if y is None or kl is None:
-            continue
-        colour = f"C{index % 10}"
-        if y0 is not None:
-            ax.plot([0, kl], [y0, y], ":", color=colour, linewidth=1)
-            parent_ref = str(result.get("parent", "parent"))
-            if parent_ref not in parents_drawn:
-                parents_drawn.add(parent_ref)
-                ax.errorbar([0], [y0], yerr=[_number(parent.get(f"{key}_stderr")) or 0], fmt="s", color="#868e96",
-                            capsize=3)
-                ax.annotate(parent_ref, (0, y0), textcoords="offset points", xytext=(6, -12), fontsize=8.5,
-                            color="#495057")
-        ax.errorbar([kl], [y], xerr=[_number(result.get("kl_stderr")) or 0],
-                    yerr=[_number(policy.get(f"{key}_stderr")) or 0], fmt="o", color=colour, capsize=3)
-        # Alternate label sides so neighbouring points do not print on top of each other.
-        ax.annotate(artifact.ref, (kl, y), textcoords="offset points", xytext=(6, 6 if index % 2 == 0 else -14),
-                    fontsize=8.5, color=colour)
-    ax.margins(x=0.25, y=0.2)
+def _frontier_panel(ax: Any, by_stage: dict[str, list[FrontierPoint]]) -> None:
+    """One panel: the parent (grey square) at (0, 0); per stage a line from it through its points in KL order."""
+    parents = sorted({p.parent for points in by_stage.values() for p in points})
+    scores = {p.parent_score for points in by_stage.values() for p in points}
+    ax.axhline(0, color="#adb5bd", linewidth=0.8)
+    ax.plot([0], [0], "s", color="#868e96", markersize=7, zorder=3)
+    parent_text = "parent " + _clip(", ".join(parents), 60)
+    if len(parents) == 1 and len(scores) == 1 and None not in scores:
+        parent_text += f": {next(iter(scores)):.3f}"
+    ax.annotate(_plain(parent_text), (0, 0), textcoords="offset points", xytext=(6, -13), fontsize=8,
+                color="#495057")
+    for index, (stage, points) in enumerate(by_stage.items()):
+        colour = _STAGE_LINE_COLOURS.get(stage, f"C{(index + 5) % 10}")
+        ax.plot([0, *(p.kl for p in points)], [0, *(p.rise for p in points)], "-", color=colour, linewidth=1.2,
+                alpha=0.7)
+        ax.errorbar([p.kl for p in points], [p.rise for p in points],
+                    xerr=[p.kl_stderr or 0 for p in points], yerr=[p.rise_stderr or 0 for p in points],
+                    fmt="o", color=colour, capsize=3, markersize=5, label=_plain(f"{stage} ({len(points)})"))
+        for number, point in enumerate(points):
+            # Alternate label sides so neighbouring points do not print on top of each other.
+            ax.annotate(_plain(_clip(point.label, 28)), (point.kl, point.rise), textcoords="offset points",
+                        xytext=(5, 5 if number % 2 == 0 else -12), fontsize=7.5, color=colour)
+    ax.legend(title="method", fontsize=8, title_fontsize=8, loc="best")
+    ax.margins(x=0.15, y=0.2)
+
+
+_STAGE_LINE_COLOURS = {"sft": "#495057", "dpo": "#e8590c", "ppo": "#1c7ed6", "grpo": "#7048e8", "rloo": "#d6336c"}
 
 
 def render_comparison(evals: list[tuple[Artifact, dict[str, Any]]]) -> str:
@@ -528,7 +625,8 @@ def render_comparison(evals: list[tuple[Artifact, dict[str, Any]]]) -> str:
             f'<a href="#{_anchor(artifact.ref)}"><code>{_e(artifact.ref)}</code></a>',
             f"<code>{_e(result.get('parent', '?'))}</code>",
             _e(_pm(policy, "judge")), _e(_pm(result, "judge_delta", signed=True)), _e(_pm(policy, "reward")),
-            _e(_pm(result, "kl")), _e(_fmt(result.get("win_rate"))),
+            # kl is null (shown '–') when eval sampled greedily or with top_p < 1; see its kl_note.
+            _e(_pm(result, "kl")), _e(_pm(result, "win_rate")),
             *(_e(_fmt(policy.get(k))) for k in ("length_tokens", "distinct_2", "ref_nll_per_token")),
             _e(setup)]))
         rows.append(_row([f"↳ parent <code>{_e(result.get('parent', '?'))}</code>", "", _e(_pm(parent, "judge")),
@@ -595,9 +693,14 @@ def render_report(registry: Registry, artifacts: list[Artifact]) -> str:
     ]
     if evals:
         body.append('<p class="note">Each policy against its parent (KL 0): up is better, right is further from '
-                    "the parent. Error bars are standard errors. From each artifact's eval.json "
-                    "(<code>align eval</code>).</p>")
+                    "the parent. Error bars are standard errors, clustered by prompt; KL is at eval's sampling "
+                    "temperature. From each artifact's eval.json (<code>align eval</code>).</p>")
         body.append(_img(plot_frontier(evals), "reward-KL frontier of " + ", ".join(a.ref for a, _ in evals)))
+        unplaced = [(a.ref, r.get("kl_note")) for a, r in evals if _number(r.get("kl")) is None]
+        if unplaced:
+            # Greedy or top_p < 1 evaluations record no KL (eval.json's kl_note says why): no x to plot them at.
+            body.append('<p class="note">Not on the frontier (no KL measured): ' + "; ".join(
+                f"<code>{_e(ref)}</code>: {_e(note or 'no kl in eval.json')}" for ref, note in unplaced) + "</p>")
         body += ["</section>", '<section id="comparison"><h2>Evaluation comparison</h2>', render_comparison(evals),
                  "</section>", '<section id="samples"><h2>Samples</h2>',
                  *(render_samples(a.ref, r) for a, r in evals), "</section>"]

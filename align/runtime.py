@@ -50,6 +50,16 @@ def gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
+def all_reduce_sum(tensor: Any) -> Any:
+    """`tensor` summed over every rank (itself in a plain run); a new tensor, the input is left as it was."""
+    import torch.distributed as dist
+
+    summed = tensor.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed
+
+
 # ---- graceful interruption ----------------------------------------------------------------------------------
 
 

@@ -56,8 +56,9 @@ def headline(registry: Path, stage: str) -> str:
 def eval_headline(registry: Path, name: str) -> str:
     report = json.loads(max(registry.glob(f"{name}/v*/eval.json")).read_text())
     policy, parent = report["policy"], report["parent_model"]
+    kl = "–" if report.get("kl") is None else f"{report['kl']:.2f}/seq ({report['kl_per_token']:.3f}/token)"
     return (f"judge {parent['judge']:+.3f} -> {policy['judge']:+.3f} ({report['judge_delta']:+.3f} ± "
-            f"{report['judge_delta_stderr']:.3f}), KL {report['kl']:.2f}, ref-NLL rise {report['ref_nll_rise']:+.3f}, "
+            f"{report['judge_delta_stderr']:.3f}), KL {kl}, ref-NLL rise {report['ref_nll_rise']:+.3f}, "
             f"distinct-2 {policy['distinct_2']:.2f}, win rate {report['win_rate']:.2f}")
 
 

@@ -58,6 +58,25 @@ def interrupt_after_first_checkpoint(args: list[str], registry: Path, name: str,
     assert not list(registry.glob(f"{name}/v*")), "an interrupted run must not publish"
 
 
+def copy_reward_artifact(session: Path, registry: Path, name: str, edit: Callable[[dict], None]) -> str:
+    """In a private registry holding copies of the session's tiny-sft and tiny-rm, a copy of tiny-rm@v1 under
+    another name with its manifest edited (a damaged or differently made reward model); returns its ref. The
+    session registry stays as the fixtures made it."""
+    import json
+    import shutil
+
+    for artifact in ("tiny-sft", "tiny-rm"):
+        if not (registry / artifact).exists():
+            shutil.copytree(session / artifact, registry / artifact, ignore=shutil.ignore_patterns(".runs"))
+    target = registry / name / "v1"
+    shutil.copytree(registry / "tiny-rm" / "v1", target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["name"] = name
+    edit(manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return f"{name}@v1"
+
+
 @pytest.fixture(scope="session")
 def run_align(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess]:
     """Run `python -m align ARGS...` as users do, offline; returns the completed process (text output)."""

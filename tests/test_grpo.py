@@ -43,7 +43,7 @@ def test_reward_callable_reads_replies_after_their_prompt(stories_dir: Path) -> 
         return [1.0 if "happy" in reply else 0.0 for reply in replies]
 
     spec = RewardSpec(None, None, "tests:judge", 2.0, 0.5, judge)
-    reward = reward_function(spec, None, tokenizer)
+    reward = reward_function(spec, None, tokenizer, [tokenizer.eos_token_id])
     prompt = "Once upon a time, there was a cat. It"
     full = tokenizer(prompt + " was happy.")["input_ids"]
     reply_ids = full[len(tokenizer(prompt)["input_ids"]):]

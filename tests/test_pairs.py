@@ -77,6 +77,9 @@ def test_pairs_artifact_is_a_loadable_card_with_held_out_prompts(pairs_artifact:
     assert all(row["chosen"][0]["content"] for row in loaded.train)
     first = json.loads((pairs_artifact / "train.jsonl").read_text().splitlines()[0])
     assert first["chosen"].startswith(" ") and first["chosen_score"] > first["rejected_score"]
+    # Story continuations are mostly cut at max_new_tokens: recorded per reply, and (keep_open) read as open.
+    assert metrics["replies_truncated"] > 0 and metrics["pairs_dropped_truncated"] == 0
+    assert loaded.train[0]["chosen_open"] is first["chosen_truncated"]
 
 
 def test_pairs_refuses_a_judge_that_does_not_import(tmp_path: Path, run_align: Callable, stories_dir: Path) -> None:

@@ -209,8 +209,10 @@ def test_a_whole_reward_model_directory_works_with_separate_models(reward_artifa
     assert [p["role"] for p in m["parents"]] == ["model"]  # a directory is not an artifact parent...
     assert m["reward_model"]["location"] == str(exported)  # ...but the manifest records it, with file hashes
     assert all(f["sha256"] for f in m["reward_model"]["files"])
-    assert history(sft_registry, "ppo-dir", 1)[0]["score"] == pytest.approx(
-        history(sft_registry, "ppo-dir", 1)[0]["reward"])  # no recorded normalisation for a plain model
+    # The export records the reward artifact's statistics, so the directory normalises as the artifact would.
+    stats = json.loads((exported / "align_export.json").read_text())["normalisation"]
+    first = history(sft_registry, "ppo-dir", 1)[0]
+    assert first["reward"] == pytest.approx((first["score"] - stats["mean"]) / stats["std"], abs=1e-5)
 
 
 def test_sequence_reward_combines_normalised_score_judge_and_eos_penalty() -> None:

@@ -296,3 +296,27 @@ def test_kl_controller_state_round_trip_and_factory():
     adaptive = kl_controller(0.05, 6.0, 10_000)
     assert isinstance(adaptive, AdaptiveKLController)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.05, 6.0, 10_000)
+
+
+def test_masked_whiten_over_ranks_equals_whitening_the_gathered_batch():
+    """Two ranks each whiten their half with statistics summed over both (`all_reduce_sum`): the result is the
+    whole batch whitened at once, not each half on its own scale."""
+    torch.manual_seed(0)
+    values, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.3
+    values[3:] = values[3:] * 4 + 2  # the second rank's rewards sit on another scale
+    whole = masked_whiten(values, mask)
+    moments = {}
+
+    def capture(rank):
+        def reduce(m):
+            moments[rank] = m
+            return m
+        return reduce
+
+    halves = {0: (values[:3], mask[:3]), 1: (values[3:], mask[3:])}
+    for rank, (v, m) in halves.items():
+        masked_whiten(v, m, all_reduce_sum=capture(rank))
+    for rank, (v, m) in halves.items():
+        summed = masked_whiten(v, m, all_reduce_sum=lambda _: moments[0] + moments[1])
+        close(summed, whole[:3] if rank == 0 else whole[3:])
+    assert not torch.allclose(masked_whiten(values[:3], mask[:3]), whole[:3], atol=1e-3)  # per rank differs

@@ -224,3 +224,64 @@ def test_chromium_renders_the_report(full_report: Path, tmp_path: Path) -> None:
     png = screenshot(full_report, tmp_path / "report.png", width=1280, height=3000).read_bytes()
     assert png_size(png) == (1280, 3000)
     assert len(png) > 50_000  # plots and tables, not a blank page
+
+
+def _evaluated(tmp_path: Path, name: str, stage: str, coefficient: dict, result: dict) -> tuple:
+    """A hand-written policy artifact (manifest only) with an eval.json, read back as `align report` reads it."""
+    from align.artifacts import Artifact
+    from align.report import load_eval
+
+    path = tmp_path / name / "v1"
+    path.mkdir(parents=True)
+    (path / "eval.json").write_text(json.dumps({"parent": "tiny-sft@v2", **result}))
+    artifact = Artifact(name=name, version=1, path=path, manifest={"stage": stage, "recipe": {stage: coefficient}})
+    loaded = load_eval(artifact)
+    assert loaded is not None
+    return artifact, loaded
+
+
+def _result(judge: str, kl: float | None, rise: float, reward: tuple[float, float] | None = None) -> dict:
+    policy = {"judge": 0.3 + rise, "judge_stderr": 0.02, "distinct_2": 0.6}
+    parent = {"judge": 0.3, "judge_stderr": 0.02, "distinct_2": 0.6}
+    if reward:
+        policy.update(reward=reward[0], reward_stderr=0.03)
+        parent.update(reward=reward[1], reward_stderr=0.04)
+    return {"settings": {"judge": judge, "reward": "tiny-rm@v1" if reward else None}, "policy": policy,
+            "parent_model": parent, "judge_delta": rise, "judge_delta_stderr": 0.01, "kl": kl, "kl_stderr": 0.5}
+
+
+def test_frontier_groups_points_per_judge_and_per_stage_in_kl_order(tmp_path: Path) -> None:
+    from align.report import frontier_series, plot_frontier
+
+    keyword = "bench.objectives:keyword_count"
+    evals = [
+        _evaluated(tmp_path, "dpo-a", "dpo", {"beta": 0.1}, _result("vader", 5.0, 0.4)),
+        _evaluated(tmp_path, "ppo-a", "ppo", {"kl_coef": 0.1}, _result("vader", 3.0, 0.3, reward=(1.5, 0.5))),
+        _evaluated(tmp_path, "dpo-b", "dpo", {"beta": 0.3}, _result("vader", 2.0, 0.2)),
+        _evaluated(tmp_path, "grpo-a", "grpo", {"beta": 0.03}, _result(keyword, 8.0, 1.1)),
+        _evaluated(tmp_path, "grpo-b", "grpo", {"beta": 0.1}, _result(keyword, 4.0, 0.6)),
+        _evaluated(tmp_path, "ppo-greedy", "ppo", {"kl_coef": 0.3}, _result(keyword, None, 0.5)),  # no KL: skipped
+    ]
+    old = _result("vader", 1.0, 0.0)  # an older eval.json: no judge name in settings, no judge_delta
+    del old["settings"], old["judge_delta"], old["judge_delta_stderr"]
+    old["policy"]["judge"] = 0.45
+    evals.append(_evaluated(tmp_path, "sft-old", "sft", {}, old))
+
+    panels = frontier_series(evals)
+    assert list(panels) == ["judge ?", f"judge {keyword}", "judge vader", "reward model tiny-rm@v1"]
+    vader = panels["judge vader"]
+    assert list(vader) == ["dpo", "ppo"]  # stages in a fixed order, one line each
+    assert [p.ref for p in vader["dpo"]] == ["dpo-b@v1", "dpo-a@v1"]  # joined in KL order, not eval order
+    assert [(p.kl, p.rise, p.rise_stderr, p.label) for p in vader["dpo"]] == [(2.0, 0.2, 0.01, "β=0.3"),
+                                                                               (5.0, 0.4, 0.01, "β=0.1")]
+    assert vader["ppo"][0].label == "kl_coef=0.1" and vader["ppo"][0].parent_score == 0.3
+    assert [p.ref for p in panels[f"judge {keyword}"]["grpo"]] == ["grpo-b@v1", "grpo-a@v1"]
+    assert "ppo" not in panels[f"judge {keyword}"]  # kl null: not on the frontier
+    (old_point,) = panels["judge ?"]["sft"]
+    assert old_point.rise == pytest.approx(0.15) and old_point.rise_stderr is None and old_point.label == "sft-old@v1"
+    (reward_point,) = panels["reward model tiny-rm@v1"]["ppo"]
+    assert reward_point.rise == 1.0 and reward_point.rise_stderr == pytest.approx(0.05)  # 0.03, 0.04 in quadrature
+
+    width, height = png_size(plot_frontier(evals))
+    assert width > 1200 and height > 600  # 4 panels: 3 columns x 2 rows
+    assert png_size(plot_frontier([evals[5]]))[0] > 300  # nothing to place: still an image, saying so

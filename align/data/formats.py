@@ -232,6 +232,31 @@ def _split_preference(chosen: list[Message], rejected: list[Message], system: An
     return {"prompt": prompt, "chosen": [chosen[-1]], "rejected": [rejected[-1]]}
 
 
+_FLAG_TEXT = {"true": True, "1": True, "false": False, "0": False, "": False}
+
+
+def _flag(row: Mapping[str, Any], fields: Mapping[str, str], name: str) -> bool | None:
+    """An optional boolean field; CSV cells arrive as text, so 'true'/'false'/'1'/'0' are read too."""
+    value = _get(row, fields, name, required=False)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_TEXT:
+        return _FLAG_TEXT[value.strip().lower()]
+    raise RowError(f"field '{fields[name]}' must be true or false, got {value!r}")
+
+
+def _open_flags(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, bool]:
+    """`chosen_open`/`rejected_open`: the reply was cut off (no stop token), so DPO must not close it with an EOS
+    or end of turn. Rows without either field stay exactly as before (their canonical form, and so the eval
+    split's hash, does not change)."""
+    flags = {f"{side}_open": _flag(row, fields, f"{side}_open") for side in ("chosen", "rejected")}
+    if all(value is None for value in flags.values()):
+        return {}
+    return {key: bool(value) for key, value in flags.items()}
+
+
 def _convert_chosen_rejected(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
     chosen = _as_messages(_get(row, fields, "chosen"), fields["chosen"], "assistant")
     rejected = _as_messages(_get(row, fields, "rejected"), fields["rejected"], "assistant")
@@ -239,7 +264,8 @@ def _convert_chosen_rejected(row: Mapping[str, Any], fields: Mapping[str, str]) 
     raw_prompt = _get(row, fields, "prompt", required=False)
     prompt = [] if raw_prompt is None else _as_messages(raw_prompt, fields["prompt"], "user")
     system = _get(row, fields, "system", required=False)
-    return _split_preference(prompt + chosen, prompt + rejected, system, fields["system"])
+    flags = _open_flags(row, fields)
+    return {**_split_preference(prompt + chosen, prompt + rejected, system, fields["system"]), **flags}
 
 
 _HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
@@ -358,10 +384,12 @@ FORMATS: dict[str, Format] = {
         Format(
             name="chosen_rejected",
             kind="preference",
-            fields={"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
+            fields={"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system",
+                    "chosen_open": "chosen_open", "rejected_open": "rejected_open"},
             required=("chosen", "rejected"),
             convert=_convert_chosen_rejected,
-            description="Preference pairs: `chosen`/`rejected` strings or message lists; `prompt` or a shared prefix.",
+            description="Preference pairs: `chosen`/`rejected` strings or message lists; `prompt` or a shared prefix; "
+                        "optional `chosen_open`/`rejected_open`: true for a cut-off reply DPO must leave unclosed.",
         ),
         Format(
             name="hh_rlhf",

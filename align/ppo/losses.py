@@ -5,6 +5,8 @@ Kept free of models and trainers so every equation can be unit-tested against ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -26,10 +28,22 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return centred.pow(2).sum() / (count - 1 if unbiased else count)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) with masked stats; shift_mean=False keeps the mean (rewards); 0 off the mask."""
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with masked stats; shift_mean=False keeps the mean (rewards); 0 off the mask.
+
+    `all_reduce_sum` (sum a tensor over ranks) makes the statistics those of every rank's batch together, as if
+    one process held the whole rollout: per-rank statistics would scale each rank's advantages differently."""
     mask = mask.bool()
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    kept = torch.where(mask, values, torch.zeros_like(values)).float()
+    # [3]: count, sum, sum of squares (fp32/64 sums, then one all-reduce for all three)
+    moments = torch.stack([mask.sum().to(kept.dtype), kept.sum(), kept.pow(2).sum()]).double()
+    if all_reduce_sum is not None:
+        moments = all_reduce_sum(moments)
+    count, total, squares = moments.unbind()
+    mean = total / count.clamp(min=1)
+    var = (squares - count * mean**2) / (count - 1) if count >= 2 else torch.zeros_like(mean)
+    mean, var = mean.to(values.dtype), var.clamp(min=0).to(values.dtype)
     whitened = (values - mean) * torch.rsqrt(var + eps)  # [B, T]
     if not shift_mean:
         whitened = whitened + mean

@@ -23,6 +23,7 @@ from torch import nn
 from align import models, scoring
 from align.errors import ArtifactError, RecipeError
 from align.models import decoder
+from align.online_rewards import reward_normalisation
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
@@ -186,34 +187,102 @@ def _add_adapter_from(model: Any, name: str, adapter_dir: Path, trainable: bool)
     return head
 
 
-def _head(weight: torch.Tensor | None, hidden: int, trainable: bool) -> nn.Linear:
-    """A scalar head, kept in fp32 whatever the body's precision (it is tiny, and the value head is trained)."""
-    head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
+def _head(weight: torch.Tensor | None, hidden: int, trainable: bool, bias: float | None = None) -> nn.Linear:
+    """A scalar head, kept in fp32 whatever the body's precision (it is tiny, and the value head is trained).
+    `bias` None: no bias (the reward head, as trained); a number: a bias starting at that value."""
+    head = nn.Linear(hidden, 1, bias=bias is not None, dtype=torch.float32)
     with torch.no_grad():
         head.weight.copy_(weight if weight is not None else torch.zeros(1, hidden))
-    head.weight.requires_grad_(trainable)
+        if bias is not None:
+            head.bias.fill_(bias)
+    head.requires_grad_(trainable)
     return head
+
+
+def value_head_from_reward(weight: torch.Tensor, normalisation: dict[str, float] | None
+                           ) -> tuple[torch.Tensor, float]:
+    """The value head's starting weight and bias from a reward head w: returns are in normalised reward units,
+    (score - mean) / std = (w / std) . h - mean / std, so the copied head predicts them from the first step
+    instead of carrying a position-dependent offset into the advantages."""
+    if normalisation is None:
+        return weight, 0.0
+    return weight / normalisation["std"], -normalisation["mean"] / normalisation["std"]
 
 
 def _chain_refs(chain: list[dict[str, Any]]) -> list[str]:
     return [entry["ref"] for entry in chain]
 
 
-def _reward_reading(reward: Artifact | Path | None, recipe: Recipe) -> tuple[str, int | None, dict | None]:
-    """How the reward model reads text (chat template, max length) and its recorded normalisation."""
+@dataclass
+class RewardReading:
+    """How the reward model reads text (its own tokenizer and chat template, its max length) and the
+    normalisation of its scores (`online_rewards.reward_normalisation`; None with normalize_reward off)."""
+
+    tokenizer: Any
+    chat_template: str
+    max_length: int | None
+    normalisation: dict[str, float] | None
+
+
+def _reward_reading(reward: Artifact | Path | None, recipe: Recipe, policy_tokenizer: Any) -> RewardReading:
     if reward is None:
-        return recipe.model.chat_template, None, None
-    if isinstance(reward, Path):  # a plain HF model directory; `align export` records its template
-        record = reward / "align_export.json"
-        template = json.loads(record.read_text(encoding="utf-8")).get("chat_template", "auto") if (
-            record.is_file()) else "auto"
-        return template, None, None
-    normalisation = reward.manifest.get("adapter", {}).get("normalisation") if recipe.ppo.normalize_reward else None
-    return (reward.manifest["adapter"].get("chat_template", "auto"), reward.manifest["recipe"]["train"]["max_length"],
-            normalisation)
+        return RewardReading(policy_tokenizer, recipe.model.chat_template, None, None)
+    normalise = recipe.ppo.normalize_reward
+    if isinstance(reward, Path):  # a plain HF model directory; `align export` records its template and statistics
+        record_path = reward / "align_export.json"
+        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+        tokenizer = models.load_tokenizer(models.BaseModelSpec(str(reward), "local", str(reward)), "none")
+        return RewardReading(tokenizer, record.get("chat_template") or "auto", None,
+                             reward_normalisation(record.get("normalisation"), str(reward), "ppo")
+                             if normalise else None)
+    base = models.BaseModelSpec.from_manifest(reward.manifest["base_model"])
+    return RewardReading(models.load_tokenizer(base, "auto", saved_in=reward.path),
+                         reward.manifest["adapter"].get("chat_template", "auto"),
+                         reward.manifest["recipe"]["train"]["max_length"],
+                         reward_normalisation(reward.manifest.get("adapter", {}).get("normalisation"), reward.ref,
+                                              "ppo") if normalise else None)
 
 
-def _load_plain_reward_model(directory: Path, dtype: Any) -> tuple[Any, Any]:
+def check_reward(recipe: Recipe, registry: Registry, reward: Artifact | Path | None) -> None:
+    """What can be refused about the reward before any weights load: its normalisation statistics and, for a
+    separate value model started from it, that it shares the policy's base."""
+    if reward is None:
+        return
+    if recipe.ppo.normalize_reward:
+        if isinstance(reward, Path):
+            record = reward / "align_export.json"
+            stats = json.loads(record.read_text(encoding="utf-8")).get("normalisation") if record.is_file() else None
+            reward_normalisation(stats, str(reward), "ppo")
+        else:
+            reward_normalisation(reward.manifest.get("adapter", {}).get("normalisation"), reward.ref, "ppo")
+    if recipe.ppo.models == "separate" and recipe.ppo.value_from_reward and not isinstance(reward, Path):
+        _value_start(reward, models.resolve_starting_point(recipe, registry), recipe)
+
+
+def check_output_layer_plain(model: Any, recipe: Recipe) -> None:
+    """The recipe check (`recipe._refuse_output_layer_adapters`) by name, repeated on the loaded model for
+    output layers named otherwise: PEFT wraps an adapted module, so the output embedding must be a plain one."""
+    head = models.lm_head(model)
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save") or hasattr(head, "original_module"):
+        raise RecipeError(f"{recipe.path}: lora adapts the output layer ({type(head).__name__}), which align ppo "
+                          "does not support: its reference is the model with adapters disabled; adapt the decoder "
+                          "layers only")
+
+
+def _value_start(reward: Artifact, start: StartingPoint, recipe: Recipe) -> StartingPoint:
+    """Where the value model starts in the separate layout: the reward model's own base and chain, so its copy of
+    the reward adapter sits on the weights it was trained on. It reads the policy's tokens, so both must share a
+    base (and so a tokenizer)."""
+    reward_base = models.BaseModelSpec.from_manifest(reward.manifest["base_model"])
+    recorded, policy_base = reward.manifest["base_model"], models.base_identity(start.base)
+    if any(recorded.get(key) != policy_base.get(key) for key in ("location", "revision", "files")):
+        raise RecipeError(f"{recipe.path}: ppo.value_from_reward: {reward.ref} was trained on {reward_base.spec}, the "
+                          f"policy starts from {start.base.spec}; the value model reads the policy's tokens, so it "
+                          "cannot start from this reward model: set ppo.value_from_reward: false")
+    return models.StartingPoint(reward_base, None, reward.manifest.get("adapter_chain", []))
+
+
+def _load_plain_reward_model(directory: Path, dtype: Any, tokenizer: Any) -> Any:
     """A full sequence-classification model directory (e.g. from `align export`) as a frozen scorer."""
     from transformers import AutoModelForSequenceClassification
 
@@ -223,9 +292,8 @@ def _load_plain_reward_model(directory: Path, dtype: Any) -> tuple[Any, Any]:
         raise RecipeError(f"ppo.reward_model: {directory} is not a sequence-classification model: {exc}") from None
     if model.config.num_labels != 1:
         raise RecipeError(f"ppo.reward_model: {directory} has {model.config.num_labels} labels; a reward model has 1")
-    tokenizer = models.load_tokenizer(models.BaseModelSpec(str(directory), "local", str(directory)), "none")
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval().requires_grad_(False), tokenizer
+    return model.eval().requires_grad_(False)
 
 
 def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy_base: Any, tokenizer: Any,
@@ -237,7 +305,12 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
     settings = recipe.ppo
     hidden_size = policy_base.config.hidden_size
     policy = get_peft_model(policy_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="policy")
-    template, max_length, normalisation = _reward_reading(reward, recipe)
+    check_output_layer_plain(policy, recipe)
+    reading = _reward_reading(reward, recipe, tokenizer)
+
+    def value_head(weight: torch.Tensor | None) -> nn.Linear:
+        weight, bias = value_head_from_reward(weight, reading.normalisation) if weight is not None else (None, 0.0)
+        return _head(weight, hidden_size, trainable=True, bias=bias)
 
     if settings.models == "shared":
         if reward is not None and _chain_refs(reward.manifest.get("adapter_chain", [])) != _chain_refs(start.chain):
@@ -257,29 +330,29 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
         policy.set_adapter("policy")
         for name, param in policy.named_parameters():  # set_adapter froze the others
             param.requires_grad_(".policy." in name or ".value." in name)
-        actor_critic = ActorCritic(policy, policy, _head(value_weight, hidden_size, trainable=True))
-        return Roles(actor_critic, None, policy if reward else None, reward_head, tokenizer, template, max_length,
-                     normalisation, "shared")
+        actor_critic = ActorCritic(policy, policy, value_head(value_weight))
+        return Roles(actor_critic, None, policy if reward else None, reward_head, reading.tokenizer,
+                     reading.chat_template, reading.max_length, reading.normalisation, "shared")
 
     # Separate: a frozen reference, a value model, a reward model; each its own copy of the weights.
     reference = models.load_starting_model(start, registry, dtype).eval().requires_grad_(False)
-    value_base = models.load_starting_model(start, registry, dtype)
     value_weight = None
     if isinstance(reward, Path) or reward is None or not settings.value_from_reward:
+        value_base = models.load_starting_model(start, registry, dtype)
         value = get_peft_model(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="value")
     else:
+        value_base = models.load_starting_model(_value_start(reward, start, recipe), registry, dtype)
         value = get_peft_model(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="scratch")
         value_weight = _add_adapter_from(value, "value", reward.adapter_path, trainable=True)
         value.set_adapter("value")
         value.delete_adapter("scratch")
     for name, param in value.named_parameters():
         param.requires_grad_(".value." in name)
-    actor_critic = ActorCritic(policy, value, _head(value_weight, hidden_size, trainable=True))
-    reward_model = reward_tokenizer = None
+    actor_critic = ActorCritic(policy, value, value_head(value_weight))
+    reward_model = None
     if isinstance(reward, Path):
-        reward_model, reward_tokenizer = _load_plain_reward_model(reward, dtype)
+        reward_model = _load_plain_reward_model(reward, dtype, reading.tokenizer)
     elif reward is not None:
-        reward_model, reward_tokenizer = models.load_reward_model(reward, registry, dtype)
-        reward_model.requires_grad_(False)
-    return Roles(actor_critic, reference, reward_model, None, reward_tokenizer or tokenizer, template, max_length,
-                 normalisation, "separate")
+        reward_model = models.load_reward_model(reward, registry, dtype)[0].requires_grad_(False)
+    return Roles(actor_critic, reference, reward_model, None, reading.tokenizer, reading.chat_template,
+                 reading.max_length, reading.normalisation, "separate")

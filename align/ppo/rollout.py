@@ -62,12 +62,11 @@ def layout(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def sequence_scores(roles: Roles, prompts: list[list[Message]], samples: list[Sample], settings: PpoSection,
-                    reward_fn: Any, eos_id: int | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                                  torch.Tensor]:
+                    reward_fn: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The scalar reward of each reply (`online_rewards.combine`, as GRPO and RLOO use), the raw reward-model
-    scores and which replies ended with EOS."""
+    scores and which replies ended at a stop token (any of the model's, see `generation.stop_token_ids`)."""
     texts = [s.text for s in samples]
-    ended = [bool(s.reply_ids) and s.reply_ids[-1] == eos_id for s in samples]
+    ended = [s.ended for s in samples]
     raw = roles.reward_scores(prompts, texts, batch_size) if roles.reward_model is not None else None
     judged = reward_fn(prompts, texts) if reward_fn is not None else None
     total = combine(raw, roles.normalisation, judged, settings.reward_function_weight, ended,
@@ -95,8 +94,7 @@ def collect(roles: Roles, tokenizer: Any, prompts: list[list[Message]], settings
         logprobs.append(logp)
         values.append(value)
         ref_logprobs.append(roles.reference_logprobs(*inputs))
-    scores, raw, ended = sequence_scores(roles, prompts, samples, settings, reward_fn, tokenizer.eos_token_id,
-                                         forward_batch_size)
+    scores, raw, ended = sequence_scores(roles, prompts, samples, settings, reward_fn, forward_batch_size)
     return Rollout(input_ids, attention, positions, response_mask, width_p, torch.cat(logprobs),
                    torch.cat(ref_logprobs), torch.cat(values).float(), scores.to(device),
                    raw.to(device) if raw is not None else None, ended.to(device), [s.text for s in samples])

@@ -72,10 +72,11 @@ def advantages_and_returns(rollout: Rollout, settings: Any, kl_coef: float) -> t
     mask = rollout.response_mask
     kl = losses.kl_penalty(rollout.logprobs, rollout.ref_logprobs, settings.kl_estimator)  # [B, R]
     rewards = losses.per_token_rewards(rollout.scores, kl, mask, kl_coef)  # [B, R]
+    # Whitening statistics over the whole rollout of every rank, not per rank.
     if settings.whiten_rewards:
-        rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = losses.masked_whiten(rewards, mask, shift_mean=False, all_reduce_sum=runtime.all_reduce_sum)
     advantages, returns = losses.gae(rewards, rollout.values, mask, settings.gamma, settings.lam)
-    return losses.masked_whiten(advantages, mask), returns, kl
+    return losses.masked_whiten(advantages, mask, all_reduce_sum=runtime.all_reduce_sum), returns, kl
 
 
 def ppo_update(model: Any, optimizer: Any, scheduler: Any, accelerator: Any, rollout: Rollout,
@@ -244,7 +245,8 @@ def _step_record(rollout: Rollout, kl: torch.Tensor, kl_coef: float, update: dic
     tokens = mask.sum(dim=1).float()  # [B]
     record = {
         "reward": rollout.scores.mean().item(),
-        "kl": true_kl.mean().item(),
+        "kl": true_kl.mean().item(),  # nats per sequence, as eval's `kl`
+        "kl_per_token": true_kl.sum().item() / max(tokens.sum().item(), 1),  # as eval's and TRL's per-token `kl`
         "non_score_reward": penalty.mean().item(),
         "rlhf_reward": (rollout.scores + penalty).mean().item(),
         "kl_coef": kl_coef,

@@ -5,6 +5,10 @@ scores every reply; per prompt the best and worst (or every ordered pair above a
 chosen/rejected. Pairs from train prompts form the train file and pairs from held-out prompts the eval
 file, so held-out prompts stay held out downstream. The artifact's `card.yaml` is a normal data card:
 a reward or DPO recipe names it as `data.card: NAME@vN`.
+
+Replies cut off at `max_new_tokens` (no stop token) are recorded per pair (`chosen_truncated`,
+`rejected_truncated`); `pairs.truncated` says whether they are dropped, kept open (the card maps them to the
+format's `chosen_open`/`rejected_open` fields, so DPO appends no EOS after them) or kept as if they ended.
 """
 
 from __future__ import annotations
@@ -27,34 +31,68 @@ from align.recipe import PairsSection, Recipe, detect_device, resolve_device_def
 Message = dict[str, str]
 
 
-def select_pairs(prompt: list[Message], replies: list[str], scores: list[float],
-                 settings: PairsSection) -> list[dict[str, Any]]:
+def select_pairs(prompt: list[Message], replies: list[str], scores: list[float], settings: PairsSection,
+                 truncated: list[bool] | None = None) -> list[dict[str, Any]]:
     """Chosen/rejected rows for one prompt: the best and worst reply, or every ordered pair above the margin.
-    Identical replies never form a pair."""
-    candidates = sorted(zip(scores, replies, strict=True), key=lambda pair: -pair[0])
+    Identical replies never form a pair. `truncated` flags replies cut off at max_new_tokens: with
+    `settings.truncated == "drop"` they are no candidates at all (so best/worst are picked among ended replies)."""
+    cut = truncated if truncated is not None else [False] * len(replies)
+    candidates = [(score, reply, flag) for score, reply, flag in zip(scores, replies, cut, strict=True)
+                  if not (flag and settings.truncated == "drop")]
+    if not candidates:
+        return []
+    candidates.sort(key=lambda candidate: -candidate[0])
     if settings.selection == "best_worst":
         candidates = [candidates[0], candidates[-1]]
     rows = []
-    for (high, chosen), (low, rejected) in itertools.combinations(candidates, 2):
+    for (high, chosen, chosen_cut), (low, rejected, rejected_cut) in itertools.combinations(candidates, 2):
         if high - low > settings.min_margin and chosen.strip() != rejected.strip() and chosen.strip():
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                         "chosen_score": high, "rejected_score": low})
+                         "chosen_score": high, "rejected_score": low,
+                         "chosen_truncated": chosen_cut, "rejected_truncated": rejected_cut})
     return rows
 
 
 def _sample_and_judge(model: Any, tokenizer: Any, prompts: list[list[Message]], judge: judges.JudgeFn,
                       recipe: Recipe, seed: int) -> list[dict[str, Any]]:
-    """K judged replies for each prompt: [{"prompt", "replies", "scores"}]."""
+    """K judged replies for each prompt: [{"prompt", "replies", "scores", "truncated"}]."""
     settings = recipe.pairs
     repeated = [prompt for prompt in prompts for _ in range(settings.num_samples)]
-    replies = generation.generate(model, tokenizer, repeated, chat_template=recipe.model.chat_template,
-                                  max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                  top_p=settings.top_p, seed=seed, batch_size=settings.batch_size,
-                                  progress=f"sampling {len(prompts)} prompts x {settings.num_samples}")
+    samples = generation.generate_samples(
+        model, tokenizer, repeated, chat_template=recipe.model.chat_template, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, seed=seed, batch_size=settings.batch_size,
+        progress=f"sampling {len(prompts)} prompts x {settings.num_samples}")
+    replies = [sample.text for sample in samples]
+    cut = [sample.truncated for sample in samples]
     scores = judge(repeated, replies)
     k = settings.num_samples
-    return [{"prompt": prompt, "replies": replies[i * k:(i + 1) * k], "scores": scores[i * k:(i + 1) * k]}
+    return [{"prompt": prompt, "replies": replies[i * k:(i + 1) * k], "scores": scores[i * k:(i + 1) * k],
+             "truncated": cut[i * k:(i + 1) * k]}
             for i, prompt in enumerate(prompts)]
+
+
+def _pairs_of(items: list[dict[str, Any]], settings: PairsSection) -> list[dict[str, Any]]:
+    return [pair for item in items
+            for pair in select_pairs(item["prompt"], item["replies"], item["scores"], settings, item["truncated"])]
+
+
+def truncation_metrics(judged: dict[str, list[dict[str, Any]]], rows: dict[str, list[dict[str, Any]]],
+                       settings: PairsSection) -> dict[str, Any]:
+    """How many replies were cut off, how many kept pairs hold one, and how many pairs `drop` cost: per prompt,
+    the pairs selection would make if cut-off replies were kept, minus the pairs it made (never below 0)."""
+    flags = [flag for items in judged.values() for item in items for flag in item["truncated"]]
+    kept = [pair for split_rows in rows.values() for pair in split_rows]
+    lost = 0
+    if settings.truncated == "drop":
+        keeping = settings.model_copy(update={"truncated": "keep"})
+        for item in (item for items in judged.values() for item in items if any(item["truncated"])):
+            lost += max(0, len(_pairs_of([item], keeping)) - len(_pairs_of([item], settings)))
+    return {
+        "replies_truncated": sum(flags),
+        "replies_truncated_fraction": round(sum(flags) / max(len(flags), 1), 4),
+        "pairs_with_truncated": sum(1 for p in kept if p["chosen_truncated"] or p["rejected_truncated"]),
+        "pairs_dropped_truncated": lost,
+    }
 
 
 def _card_text(recipe: Recipe, policy: str) -> str:
@@ -67,6 +105,10 @@ def _card_text(recipe: Recipe, policy: str) -> str:
         "source": {"path": "train.jsonl", "eval_path": "eval.jsonl"},
         "format": "chosen_rejected",
     }
+    if recipe.pairs.truncated == "keep_open":
+        # The format's open-reply fields read the recorded flags, so DPO leaves those replies unclosed;
+        # under `keep` they stay unmapped and every reply is closed as before.
+        card["fields"] = {"chosen_open": "chosen_truncated", "rejected_open": "rejected_truncated"}
     return yaml.safe_dump(card, sort_keys=False)
 
 
@@ -98,12 +140,16 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         judged[split] = [item for part in runtime.gather_objects(mine) for item in part]
     sampling_s = time.time() - started
 
-    rows = {split: [pair for item in items for pair in select_pairs(item["prompt"], item["replies"],
-                                                                      item["scores"], recipe.pairs)]
-            for split, items in judged.items()}
+    rows = {split: _pairs_of(items, recipe.pairs) for split, items in judged.items()}
+    cut_off = truncation_metrics(judged, rows, recipe.pairs)
     if not rows["train"]:
+        hint = ""
+        if recipe.pairs.truncated == "drop" and cut_off["replies_truncated"]:
+            hint = (f"; {cut_off['replies_truncated']} replies were cut off at max_new_tokens="
+                    f"{recipe.pairs.max_new_tokens} and dropped (pairs.truncated: drop): raise max_new_tokens or "
+                    "set pairs.truncated: keep_open")
         raise DataError(f"{recipe.path}: the judge found no pair above min_margin={recipe.pairs.min_margin}; "
-                        "sample more replies (pairs.num_samples) or lower the margin")
+                        f"sample more replies (pairs.num_samples) or lower the margin{hint}")
     every_score = [s for items in judged.values() for item in items for s in item["scores"]]
     pairs_all = rows["train"] + rows["eval"]
     metrics = {
@@ -114,6 +160,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "judge_mean": sum(every_score) / len(every_score),
         "chosen_mean": sum(p["chosen_score"] for p in pairs_all) / len(pairs_all),
         "rejected_mean": sum(p["rejected_score"] for p in pairs_all) / len(pairs_all),
+        **cut_off,
         "sampling_s": round(sampling_s, 2),
         "replies_per_second": round(len(every_score) / max(sampling_s, 1e-9), 2),
     }

@@ -43,6 +43,7 @@ def _reward_source(recipe: Recipe, registry: Registry) -> Artifact | Path | None
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one PPO policy adapter. Returns the artifact on the main process, None elsewhere."""
     reward = _reward_source(recipe, registry)
+    ppo_roles.check_reward(recipe, registry, reward)
     reward_fn = judges.load_judge(recipe.ppo.reward_function, registry)[0] if recipe.ppo.reward_function else None
     ppo_trainer.check_batch_sizes(recipe)
     inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
@@ -80,6 +81,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "reward_first": history[0]["reward"],
         "reward_last": last["reward"],
         "kl_last": last["kl"],
+        "kl_per_token_last": last["kl_per_token"],
         "kl_coef_last": last["kl_coef"],
         "entropy_last": last["entropy"],
         "response_length_last": last["response_length"],
@@ -101,7 +103,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     lora = recipe.lora
     adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
                "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
-               "value": "value/: the value adapter and value_head.safetensors (its scalar head)"}
+               "value": "value/: the value adapter and value_head.safetensors (its scalar head: weight, bias)"}
     details = {"adapter": adapter, "ppo": recipe.ppo.model_dump()}
     if isinstance(reward, Path):  # not an artifact, so not a parent: record what it was
         details["reward_model"] = models.base_identity(models.BaseModelSpec(str(reward), "local", str(reward)))
@@ -123,7 +125,7 @@ def _save_adapters(holder: ppo_roles.Roles, final: Path) -> None:
             # PEFT writes an adapter not named "default" into a subdirectory of that name.
             saved = scratch / role / role if (scratch / role / role).is_dir() else scratch / role
             shutil.move(str(saved), str(final / role))
-        save_file({"weight": critic.value_head.weight.detach().cpu().contiguous()},
+        save_file({name: param.detach().cpu().contiguous() for name, param in critic.value_head.named_parameters()},
                   str(final / "value" / "value_head.safetensors"))
         shutil.rmtree(scratch)
     runtime.wait_for_everyone()
@@ -148,7 +150,7 @@ def _eval_scores(holder: ppo_roles.Roles, tokenizer: Any, prompts: list[Any], re
         with holder.actor_critic.adapters_disabled():
             samples = generation.generate_samples(model, tokenizer, prompts, **sampling)
     with torch.no_grad():
-        total, raw, ended = sequence_scores(holder, prompts, samples, settings, reward_fn, tokenizer.eos_token_id,
+        total, raw, ended = sequence_scores(holder, prompts, samples, settings, reward_fn,
                                             recipe.train.per_device_eval_batch_size)
     result = {"reward": total.mean().item(), "eos_fraction": ended.float().mean().item(),
               "response_length": sum(len(s.reply_ids) for s in samples) / len(samples)}

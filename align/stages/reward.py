@@ -26,11 +26,12 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     trainer = training.build_trainer(RewardTrainer, RewardConfig, inputs, task_type="SEQ_CLS",
                                      center_rewards_coefficient=recipe.reward.center_rewards_coefficient)
 
-    # Judge on the eval pairs the trainer itself keeps: TRL drops pairs longer than max_length.
+    # Judge on the eval pairs the trainer itself keeps: TRL drops pairs longer than max_length (counted for the
+    # manifest, train and eval alike, so its row counts say what was trained on).
     max_length = recipe.train.max_length
-    eval_rows = [row for row in data.eval if all(
-        len(scoring.reward_input_ids(tokenizer, row["prompt"], row[side], chat_template)) <= max_length
-        for side in ("chosen", "rejected"))]
+    train_too_long = sum(scoring.over_length(tokenizer, data.train, chat_template, max_length))
+    eval_rows = [row for row, long in zip(data.eval, scoring.over_length(tokenizer, data.eval, chat_template,
+                                                                         max_length), strict=True) if not long]
     if not eval_rows:
         raise DataError(f"{recipe.data.card}: every eval pair is longer than train.max_length={max_length} tokens")
 
@@ -52,6 +53,9 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         **{f"eval_{key}": value for key, value in after.items()},
         "eval_accuracy_before": before["accuracy"],
         "eval_rows_too_long": len(data.eval) - len(eval_rows),
+        # TRL's RewardTrainer drops pairs longer than train.max_length: rows read, dropped and used.
+        "train_rows_dropped_too_long": train_too_long,
+        "train_rows_used": len(data.train) - train_too_long,
     }
     scores = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
     normalisation = {"mean": after["reward_mean"], "std": after["reward_std"]}
