@@ -77,7 +77,7 @@ def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, st
     else:  # greedy: the sampling-only filters do not apply (transformers warns when they are set)
         sampling = {"do_sample": False}
         neutral = {k: v for k, v in neutral.items() if k not in ("top_k", "typical_p", "epsilon_cutoff", "eta_cutoff")}
-    return GenerationConfig(**neutral, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+    return GenerationConfig(**neutral, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
                             pad_token_id=pad_id, bos_token_id=bos_id)
 
 
@@ -91,7 +91,7 @@ def checkpoint_settings_ignored(model: Any, tokenizer: PreTrainedTokenizerBase) 
     stop_ids = stop_token_ids(model, tokenizer)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     shipped = inner.generation_config
-    inner.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+    inner.generation_config = GenerationConfig(eos_token_id=stop_ids or None, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=tokenizer.bos_token_id)
     try:
         yield stop_ids

@@ -87,15 +87,15 @@ def resolve(recipe: Recipe, registry: Registry) -> RewardSpec:
 def reward_normalisation(recorded: dict[str, Any] | None, source: str, stage: str) -> dict[str, float]:
     """The one normalisation rule of ppo, grpo and rloo: with `normalize_reward` (the default) a reward model's
     score becomes (score - mean) / std with the mean/std it recorded on its eval pairs. A model that recorded
-    none, or a std that is not a positive finite number (every eval score equal), cannot be normalised: that is
+    none, or a std that is not finite and above 1e-6 (every eval score equal), cannot be normalised: that is
     an error naming the way out, never a silent raw score or a division by a tiny epsilon."""
     import math
 
     mean, std = (recorded or {}).get("mean"), (recorded or {}).get("std")
-    if mean is None or std is None:
+    if not isinstance(mean, int | float) or not isinstance(std, int | float):
         raise ArtifactError(f"{stage}.normalize_reward: {source} records no score mean/std to normalise with; "
                             f"set {stage}.normalize_reward: false to use its raw scores")
-    if not (math.isfinite(float(mean)) and math.isfinite(float(std)) and float(std) > 1e-6):
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 1e-6):
         raise ArtifactError(f"{stage}.normalize_reward: {source} records a score std of {std} (its eval scores do "
                             f"not vary), which cannot normalise; set {stage}.normalize_reward: false")
     return {"mean": float(mean), "std": float(std)}
@@ -142,8 +142,8 @@ def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: 
     with generation.checkpoint_settings_ignored(online.model, inputs.tokenizer):
         train_metrics = training.train(online, inputs.run)
     inputs.tokenizer.padding_side = padding_side
-    return training.publish_adapter(online, inputs, task_type="CAUSAL_LM",
-                                    metrics=rollout_metrics(online.state.log_history), train_metrics=train_metrics,
+    metrics = rollout_metrics(online.state.log_history, masked_truncated=settings.mask_truncated_completions)
+    return training.publish_adapter(online, inputs, task_type="CAUSAL_LM", metrics=metrics, train_metrics=train_metrics,
                                     extra_parents=reward.parents,
                                     details={recipe.stage: settings.model_dump(), "online_reward": reward.describe()})
 
@@ -151,7 +151,8 @@ def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: 
 def sampling_config(recipe: Recipe) -> dict[str, Any]:
     """The TRL config fields GRPOConfig and RLOOConfig share, from the recipe's stage section. Dropout is off
     (TRL's default leaves it on for these trainers), so the policy/reference log-ratio is not dropout noise, and
-    top_k/min_p/repetition_penalty are pinned off, so the log-probs TRL computes describe what it sampled."""
+    top_k/min_p/repetition_penalty are pinned off (top_p < 1 is refused by the recipe), so the log-probs TRL
+    computes over the whole softmax describe what it sampled."""
     section = getattr(recipe, recipe.stage)
     return {"beta": section.beta, "num_generations": section.num_generations, "epsilon": section.epsilon,
             "num_iterations": section.num_iterations, "max_completion_length": section.max_new_tokens,
@@ -228,16 +229,18 @@ def combine(scores: list[float] | None, normalisation: dict[str, float] | None, 
     return total
 
 
-def rollout_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+def rollout_metrics(log_history: list[dict[str, Any]], masked_truncated: bool = False) -> dict[str, Any]:
     """Mean reward of the first and last logged training steps, and the last KL to the reference under the names
-    ppo and eval use: `kl_last` in nats per sequence, `kl_per_token_last` in nats per token. TRL logs `kl` as a
-    mean over all completion tokens, so per sequence it is that times the mean completion length."""
+    ppo and eval use: `kl_last` in nats per sequence, `kl_per_token_last` in nats per token. TRL logs `kl` (its k3
+    estimate) as a mean over the loss's completion tokens, so per sequence it is that times the mean completion
+    length — unless truncated completions are masked out of the loss, when the two means cover different
+    replies and no per-sequence figure is derived (None)."""
     logs = [entry for entry in log_history if "reward" in entry and "train_runtime" not in entry]
     if not logs:
         return {"reward_first": None, "reward_last": None, "kl_last": None, "kl_per_token_last": None}
     last = logs[-1]
     per_token, length = last.get("kl"), last.get("completions/mean_length")
     return {"reward_first": logs[0]["reward"], "reward_last": last["reward"],
-            "kl_last": per_token * length if per_token is not None and length is not None else None,
+            "kl_last": per_token * length if None not in (per_token, length) and not masked_truncated else None,
             "kl_per_token_last": per_token, "completion_length_last": length,
             "clipped_ratio_last": last.get("completions/clipped_ratio")}

@@ -191,6 +191,14 @@ class _RlSection(_Section):
             raise ValueError("give a reward: 'reward_model' (a reward artifact), 'reward_function', or both")
         return self
 
+    @model_validator(mode="after")
+    def _full_softmax_sampling(self) -> _RlSection:
+        if self.top_p < 1:
+            raise ValueError("top_p < 1 is not supported by online RL: the importance ratios and KL penalty use the "
+                             "whole softmax(logits / temperature), so nucleus sampling would train on another policy "
+                             "than the one that sampled; use temperature to sharpen sampling")
+        return self
+
 
 class PpoSection(_RlSection):
     """PPO for RLHF (Ouyang et al. 2022; Huang et al. 2024): one base model, policy/value/reward adapters,
@@ -216,14 +224,6 @@ class PpoSection(_RlSection):
     value_from_reward: bool = Field(True, description="Initialise the value adapter and head from the reward "
                                                       "model (InstructGPT), on the reward's scale after "
                                                       "normalisation; else a fresh adapter and a zero head")
-
-    @model_validator(mode="after")
-    def _full_softmax_sampling(self) -> PpoSection:
-        if self.top_p < 1:
-            raise ValueError("top_p < 1 is not supported by ppo: its ratios and KL penalty use the whole "
-                             "softmax(logits / temperature), so nucleus sampling would train on another policy "
-                             "than the one that sampled; use temperature to sharpen sampling")
-        return self
 
 
 class GrpoSection(_RlSection):
@@ -268,9 +268,11 @@ def _refuse_output_layer_adapters(lora: LoraSection) -> None:
     """PPO's reference is "adapters disabled" and its log-probs project hidden states with the output layer
     outside PEFT's forward, in chunks recomputed during backward, while roles switch adapters: an adapted output
     layer would score the reference and the policy through whichever adapter happens to be active."""
-    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+    # A string target is a regex or "all-linear" (which PEFT never applies to the output layer): the check on the
+    # loaded model (`ppo.roles.check_output_layer_plain`) covers it without guessing what a regex matches.
+    targets = [] if isinstance(lora.target_modules, str) else lora.target_modules
     named = [name for name in [*targets, *(lora.modules_to_save or [])]
-             if any(layer in name for layer in OUTPUT_LAYER_NAMES)]
+             if name.rsplit(".", 1)[-1] in OUTPUT_LAYER_NAMES]
     if named:
         raise ValueError(f"lora: {', '.join(named)} adapts the output layer, which align ppo does not support: "
                          "its reference is the model with adapters disabled and its log-probs use the output "

@@ -107,13 +107,13 @@ def test_replies_end_at_every_stop_id(stories_dir: Path) -> None:
     assert got == [0.0, 0.0, -1.0]
 
 
-@pytest.mark.parametrize("override", ["lora.modules_to_save=[lm_head]",
-                                      "lora.target_modules=[q_proj, v_proj, lm_head]",
-                                      "ppo.top_p=0.9"])
-def test_ppo_refuses_what_would_score_another_policy(override: str, run_align: Callable, tmp_path: Path) -> None:
-    """An adapted output layer (the reference would not be adapter-free) and nucleus sampling (log-probs are
+@pytest.mark.parametrize(("stage", "override"), [("ppo", "lora.modules_to_save=[lm_head]"),
+                                                 ("ppo", "lora.target_modules=[q_proj, v_proj, lm_head]"),
+                                                 ("ppo", "ppo.top_p=0.9"), ("grpo", "grpo.top_p=0.9")])
+def test_rl_refuses_what_would_score_another_policy(stage: str, override: str, run_align: Callable) -> None:
+    """An adapted output layer (PPO's reference would not be adapter-free) and nucleus sampling (log-probs are
     full-softmax) are recipe errors, caught when the recipe is read: exit 2 before any model loads."""
-    result = run_align("recipe", "validate", PPO, "--set", override)
+    result = run_align("recipe", "validate", REPO / "recipes" / "tiny" / f"{stage}.yaml", "--set", override)
     assert result.returncode == 2, result.stdout + result.stderr
     field = override.split("=")[0]
     assert field.split(".")[-1] in result.stderr or "lm_head" in result.stderr, result.stderr

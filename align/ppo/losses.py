@@ -35,9 +35,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     `all_reduce_sum` (sum a tensor over ranks) makes the statistics those of every rank's batch together, as if
     one process held the whole rollout: per-rank statistics would scale each rank's advantages differently."""
     mask = mask.bool()
-    kept = torch.where(mask, values, torch.zeros_like(values)).float()
-    # [3]: count, sum, sum of squares (fp32/64 sums, then one all-reduce for all three)
-    moments = torch.stack([mask.sum().to(kept.dtype), kept.sum(), kept.pow(2).sum()]).double()
+    kept = torch.where(mask, values, torch.zeros_like(values)).double()  # fp64: the variance below cancels
+    moments = torch.stack([mask.sum().to(kept.dtype), kept.sum(), kept.pow(2).sum()])  # [3]: one all-reduce
     if all_reduce_sum is not None:
         moments = all_reduce_sum(moments)
     count, total, squares = moments.unbind()

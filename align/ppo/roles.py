@@ -205,8 +205,8 @@ def value_head_from_reward(weight: torch.Tensor, normalisation: dict[str, float]
     (score - mean) / std = (w / std) . h - mean / std, so the copied head predicts them from the first step
     instead of carrying a position-dependent offset into the advantages."""
     if normalisation is None:
-        return weight, 0.0
-    return weight / normalisation["std"], -normalisation["mean"] / normalisation["std"]
+        return weight.float(), 0.0
+    return weight.float() / normalisation["std"], -normalisation["mean"] / normalisation["std"]
 
 
 def _chain_refs(chain: list[dict[str, Any]]) -> list[str]:
@@ -269,13 +269,23 @@ def check_output_layer_plain(model: Any, recipe: Recipe) -> None:
                           "layers only")
 
 
+def _same_base(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two recorded base identities name the same weights: equal file hashes where both have them (a moved
+    registry or model directory is still the same model), else the same location and revision."""
+    hashes = [[(f["name"], f.get("sha256")) for f in identity.get("files") or []] for identity in (a, b)]
+    if all(hashes) and all(sha for files in hashes for _, sha in files):
+        return hashes[0] == hashes[1] and a.get("revision") == b.get("revision")
+    return (a.get("location"), a.get("revision")) == (b.get("location"), b.get("revision"))
+
+
 def _value_start(reward: Artifact, start: StartingPoint, recipe: Recipe) -> StartingPoint:
     """Where the value model starts in the separate layout: the reward model's own base and chain, so its copy of
     the reward adapter sits on the weights it was trained on. It reads the policy's tokens, so both must share a
     base (and so a tokenizer)."""
     reward_base = models.BaseModelSpec.from_manifest(reward.manifest["base_model"])
-    recorded, policy_base = reward.manifest["base_model"], models.base_identity(start.base)
-    if any(recorded.get(key) != policy_base.get(key) for key in ("location", "revision", "files")):
+    # The policy's base as its parent recorded it (no second hash of the weights), else identified now.
+    policy_base = start.parent.manifest["base_model"] if start.parent else models.base_identity(start.base)
+    if not _same_base(reward.manifest["base_model"], policy_base):
         raise RecipeError(f"{recipe.path}: ppo.value_from_reward: {reward.ref} was trained on {reward_base.spec}, the "
                           f"policy starts from {start.base.spec}; the value model reads the policy's tokens, so it "
                           "cannot start from this reward model: set ppo.value_from_reward: false")

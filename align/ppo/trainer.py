@@ -156,9 +156,11 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, kl_c
     weights = load_file(str(path / "trainable.safetensors"))
     named = dict(model.named_parameters())
     missing = [name for name in named if named[name].requires_grad and name not in weights]
-    if missing or set(weights) - set(named):
-        raise RecipeError(f"{path}: the checkpoint does not fit this recipe's model (different LoRA settings?); "
-                          "run without --resume to start over")
+    unexpected = sorted(set(weights) - set(named))
+    if missing or unexpected:
+        raise RecipeError(f"{path}: the checkpoint does not fit this recipe's model (missing: "
+                          f"{', '.join(missing[:3]) or '-'}; unexpected: {', '.join(unexpected[:3]) or '-'}; different "
+                          "LoRA settings, or written by an older align?); run without --resume to start over")
     with torch.no_grad():
         for name, value in weights.items():
             named[name].copy_(value)
