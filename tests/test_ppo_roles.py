@@ -73,14 +73,14 @@ def test_value_starts_as_the_normalised_reward(layout: str, reward_artifact: Pat
 def test_a_rollouts_last_values_sit_on_the_normalised_score_scale(reward_artifact: Path, sft_registry: Path,
                                                                    tmp_path: Path) -> None:
     """Right after the roles are built, the mean value at each reply's last token is close to the mean
-    normalised score of the batch. The reward copy records statistics far from its raw scores (mean + 3, std / 2),
-    so a value head left on the raw scale would be about 6 off."""
+    normalised score of the batch. The reward copy records statistics far from its raw scores (mean + 3 std,
+    std / 2), so the normalised scores sit around -6 and a value head left on the raw scale would be far off."""
     from align.ppo.rollout import collect
     from align.recipe import load_recipe
 
     def shift(manifest: dict) -> None:
         stats = manifest["adapter"]["normalisation"]
-        manifest["adapter"]["normalisation"] = {"mean": stats["mean"] + 3, "std": stats["std"] / 2}
+        manifest["adapter"]["normalisation"] = {"mean": stats["mean"] + 3 * stats["std"], "std": stats["std"] / 2}
 
     registry = tmp_path / "registry"
     ref = copy_reward_artifact(sft_registry, registry, "rm-shifted", shift)
