@@ -224,23 +224,32 @@ class RewardReading:
     normalisation: dict[str, float] | None
 
 
+def _export_record(directory: Path) -> dict[str, Any]:
+    """What `align export` recorded beside a plain model directory (chat template, score statistics), or {}."""
+    path = directory / "align_export.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _normalisation(reward: Artifact | Path, recipe: Recipe) -> dict[str, float] | None:
+    """The reward's normalisation under the one rule (`online_rewards.reward_normalisation`); None when off."""
+    if not recipe.ppo.normalize_reward:
+        return None
+    if isinstance(reward, Path):
+        return reward_normalisation(_export_record(reward).get("normalisation"), str(reward), "ppo")
+    return reward_normalisation(reward.manifest.get("adapter", {}).get("normalisation"), reward.ref, "ppo")
+
+
 def _reward_reading(reward: Artifact | Path | None, recipe: Recipe, policy_tokenizer: Any) -> RewardReading:
     if reward is None:
         return RewardReading(policy_tokenizer, recipe.model.chat_template, None, None)
-    normalise = recipe.ppo.normalize_reward
     if isinstance(reward, Path):  # a plain HF model directory; `align export` records its template and statistics
-        record_path = reward / "align_export.json"
-        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
         tokenizer = models.load_tokenizer(models.BaseModelSpec(str(reward), "local", str(reward)), "none")
-        return RewardReading(tokenizer, record.get("chat_template") or "auto", None,
-                             reward_normalisation(record.get("normalisation"), str(reward), "ppo")
-                             if normalise else None)
+        return RewardReading(tokenizer, _export_record(reward).get("chat_template") or "auto", None,
+                             _normalisation(reward, recipe))
     base = models.BaseModelSpec.from_manifest(reward.manifest["base_model"])
     return RewardReading(models.load_tokenizer(base, "auto", saved_in=reward.path),
                          reward.manifest["adapter"].get("chat_template", "auto"),
-                         reward.manifest["recipe"]["train"]["max_length"],
-                         reward_normalisation(reward.manifest.get("adapter", {}).get("normalisation"), reward.ref,
-                                              "ppo") if normalise else None)
+                         reward.manifest["recipe"]["train"]["max_length"], _normalisation(reward, recipe))
 
 
 def check_reward(recipe: Recipe, registry: Registry, reward: Artifact | Path | None) -> None:
@@ -248,13 +257,7 @@ def check_reward(recipe: Recipe, registry: Registry, reward: Artifact | Path | N
     separate value model started from it, that it shares the policy's base."""
     if reward is None:
         return
-    if recipe.ppo.normalize_reward:
-        if isinstance(reward, Path):
-            record = reward / "align_export.json"
-            stats = json.loads(record.read_text(encoding="utf-8")).get("normalisation") if record.is_file() else None
-            reward_normalisation(stats, str(reward), "ppo")
-        else:
-            reward_normalisation(reward.manifest.get("adapter", {}).get("normalisation"), reward.ref, "ppo")
+    _normalisation(reward, recipe)
     if recipe.ppo.models == "separate" and recipe.ppo.value_from_reward and not isinstance(reward, Path):
         _value_start(reward, models.resolve_starting_point(recipe, registry), recipe)
 
