@@ -1,15 +1,14 @@
 """Versioned artifact registry: every stage publishes `ROOT/NAME/vN/` atomically and later stages name it `NAME@vN`.
 
-Layout: `ROOT/NAME/vN/manifest.json` (+ whatever the stage wrote), `ROOT/NAME/.lock` (flock),
+Layout: `ROOT/NAME/vN/manifest.json` (+ whatever the stage wrote), `ROOT/NAME/.lock` (a `filelock` lock),
 `ROOT/NAME/.staging-<pid>-<hex>/` (in-progress publishes), `ROOT/NAME/.runs/<key>/` (resumable checkpoints).
-Only the standard library is imported here so that `align artifacts list` stays fast.
+Manifests are read and written only as `align.manifest.Manifest` models. No ML library is imported here, so
+`align artifacts list` stays fast.
 """
 
 from __future__ import annotations
 
 import difflib
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -20,25 +19,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from align.errors import ArtifactError
 from align.hashing import sha256_file
+from align.manifest import MANIFEST_FILE, Manifest, ParentEntry
+from align.records import describe_record_error, write_atomic
 
-REQUIRED_MANIFEST_KEYS = (
-    "stage",
-    "base_model",
-    "parents",
-    "data",
-    "recipe",
-    "recipe_sha256",
-    "seed",
-    "metrics",
-    "packages",
-    "git",
-    "duration_s",
-)
-MANIFEST_FILE = "manifest.json"
+if TYPE_CHECKING:
+    from align.lineage import LineageNode
+
 DEFAULT_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "align")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -56,7 +48,7 @@ class Artifact:
     name: str
     version: int
     path: Path
-    manifest: dict[str, Any] = field(compare=False, repr=False)
+    manifest: Manifest = field(compare=False, repr=False)
 
     @property
     def ref(self) -> str:
@@ -67,23 +59,6 @@ class Artifact:
         return self.path / "adapter"
 
 
-@dataclass(frozen=True)
-class LineageNode:
-    """One artifact in a lineage walk; `role` is how its child used it (None for the starting artifact)."""
-
-    ref: str
-    depth: int
-    role: str | None
-    stage: str | None
-    created: str | None
-    base_model: str | None
-    data: tuple[str, ...]
-    path: Path | None
-    missing: bool = False
-    # The child recorded a different manifest hash: the ref now names something else (e.g. re-created after deletion).
-    manifest_changed: bool = False
-
-
 def _check_name(name: str, what: str = "artifact name") -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ArtifactError(
@@ -92,23 +67,10 @@ def _check_name(name: str, what: str = "artifact name") -> str:
     return name
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Load a manifest (given the file or its artifact directory); ArtifactError naming the file if unusable."""
-    path = Path(path)
-    file = path / MANIFEST_FILE if path.is_dir() else path
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArtifactError(f"{file}: manifest not found (not an artifact directory?)") from None
-    except OSError as exc:
-        raise ArtifactError(f"{file}: cannot read manifest: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{file}:{exc.lineno}: invalid JSON in manifest: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{file}: manifest must be a JSON object, got {type(data).__name__}")
-    return data
+def read_manifest(path: Path) -> Manifest:
+    """Load and validate a manifest (given the file or its artifact directory); ArtifactError naming the file
+    and the field if it is unusable."""
+    return Manifest.read(Path(path))
 
 
 def package_versions(names: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, str | None]:
@@ -146,22 +108,10 @@ def git_state(cwd: Path | None = None) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
-def parent_entry(artifact: Artifact, role: str) -> dict[str, Any]:
-    """The `manifest["parents"]` entry recording that a new artifact was built from `artifact` as `role`."""
-    return {
-        "role": role,
-        "ref": artifact.ref,
-        "name": artifact.name,
-        "version": artifact.version,
-        "path": str(artifact.path),
-        "manifest_sha256": sha256_file(artifact.path / MANIFEST_FILE),
-    }
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"manifest value of type {type(obj).__name__} is not JSON serializable: {obj!r}")
+def parent_entry(artifact: Artifact, role: str) -> ParentEntry:
+    """The manifest's `parents` entry recording that a new artifact was built from `artifact` as `role`."""
+    return ParentEntry(role=role, ref=artifact.ref, name=artifact.name, version=artifact.version,
+                       path=str(artifact.path), manifest_sha256=sha256_file(artifact.path / MANIFEST_FILE))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,19 +122,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -193,32 +130,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _base_model_id(value: Any) -> str | None:
-    if isinstance(value, dict):
-        for key in ("spec", "id", "name", "path"):
-            if isinstance(value.get(key), str):
-                return value[key]
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _data_names(value: Any) -> tuple[str, ...]:
-    """Card names from `manifest["data"]`: a list of names / `{"name"|"card": ...}` dicts, or a dict keyed by role."""
-    if isinstance(value, dict):
-        items = [v if isinstance(v, dict) and ("name" in v or "card" in v) else k for k, v in value.items()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        return ()
-    names = []
-    for item in items:
-        if isinstance(item, dict):
-            item = item.get("name", item.get("card"))
-        if isinstance(item, str):
-            names.append(item)
-    return tuple(names)
 
 
 class Registry:
@@ -286,8 +197,8 @@ class Registry:
         artifact = self.resolve(ref)
         card = artifact.path / "card.yaml"
         if not card.is_file():
-            raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact with no data card "
-                                "(card.yaml); name a pairs artifact or a card file")
+            raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact with no data card "
+                                "(card.yaml); name a dataset artifact (from `align pairs`) or a card file")
         return card, artifact
 
     def resolve(self, ref: str) -> Artifact:
@@ -340,14 +251,7 @@ class Registry:
         if not (path / MANIFEST_FILE).is_file():
             raise ArtifactError(f"{path} is not an artifact directory: it has no {MANIFEST_FILE}")
         manifest = read_manifest(path)
-        name = manifest.get("name")
-        version = manifest.get("version")
-        if not isinstance(name, str):
-            name = path.parent.name
-        if not isinstance(version, int):
-            match = _VERSION_DIR_RE.match(path.name)
-            version = int(match.group(1)) if match else 0
-        return Artifact(name=name, version=version, path=path, manifest=manifest)
+        return Artifact(name=manifest.name, version=manifest.version, path=path, manifest=manifest)
 
     @contextmanager
     def staging(self, name: str) -> Iterator[Path]:
@@ -365,50 +269,46 @@ class Registry:
             shutil.rmtree(path, ignore_errors=True)
             raise
 
-    @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
+    def _lock(self, name: str) -> Any:
+        from filelock import FileLock
+
         base = self._dir(name)
         base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(base / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+        return FileLock(base / ".lock")
 
-    def publish(self, staging_dir: Path, name: str, manifest: dict[str, Any]) -> Artifact:
+    def publish(self, staging_dir: Path, name: str, fields: dict[str, Any]) -> Artifact:
         """Atomically turn `staging_dir` into the next version of `name`, writing its manifest; returns the Artifact.
 
-        A missing required manifest key is a ValueError (a stage bug) and publishes nothing.
+        `fields` are the manifest's fields except the ones publishing decides (schema_version, name, version,
+        ref, created). They are validated against the stage's manifest model first: a manifest that would not
+        read back is a stage bug (ValueError naming the field) and publishes nothing. Staging directories of
+        dead runs of `name` are removed on the way.
         """
         staging_dir = Path(staging_dir)
-        missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-        if missing:
-            raise ValueError(f"manifest for {name!r} is missing required keys: {', '.join(missing)}")
-        if not isinstance(manifest["parents"], list):
-            kind = type(manifest["parents"]).__name__
-            raise TypeError(f"manifest['parents'] for {name!r} must be a list, got {kind}")
         if not staging_dir.is_dir():
             raise ValueError(f"staging directory {staging_dir} does not exist")
+        from align.stages import stage_manifest
+
+        model = stage_manifest(str(fields.get("stage")), f"manifest for {name!r}")
+        identity = {"schema_version": model.SCHEMA_VERSION, "name": name, "version": 0, "ref": f"{name}@v0",
+                    "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        try:
+            manifest = model.model_validate({**identity, **fields})
+        except ValidationError as exc:
+            raise ValueError(f"manifest for {name!r}: {describe_record_error(exc)}") from None
         base = self._dir(name)
-        with self._locked(name):
+        with self._lock(name):
+            self.clean_stale(name)
             # Any vN directory counts, even without a manifest, so the rename can never land on an existing one.
             taken = [int(m.group(1)) for e in base.iterdir() if (m := _VERSION_DIR_RE.match(e.name))]
             version = max(taken, default=0) + 1
-            full = {
-                "name": name,
-                "version": version,
-                "ref": f"{name}@v{version}",
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                **{k: v for k, v in manifest.items() if k not in ("name", "version", "ref", "created")},
-            }
-            text = json.dumps(full, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-            _write_atomic(staging_dir / MANIFEST_FILE, text)
+            manifest = manifest.model_copy(update={"version": version, "ref": f"{name}@v{version}"})
+            write_atomic(staging_dir / MANIFEST_FILE, manifest.to_json())
             _fsync_dir(staging_dir)
             target = base / f"v{version}"
             os.rename(staging_dir, target)
             _fsync_dir(base)
-        return Artifact(name=name, version=version, path=target, manifest=full)
+        return Artifact(name=name, version=version, path=target, manifest=manifest)
 
     def run_dir(self, name: str, key: str) -> Path:
         """`ROOT/NAME/.runs/<key>/` (created): where an unfinished run keeps checkpoints for `--resume`."""
@@ -416,67 +316,18 @@ class Registry:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def lineage(self, ref: str) -> list[LineageNode]:
-        """Depth-first walk of `manifest["parents"]` from `ref`; parents that no longer exist become missing nodes."""
-        nodes: list[LineageNode] = []
-        self._walk(self.resolve(ref), role=None, depth=0, recorded_sha=None, on_path=set(), out=nodes)
-        return nodes
+    def lineage(self, ref: str) -> LineageNode:
+        """The tree of what `ref` was built from (see `align.lineage`)."""
+        from align.lineage import lineage_tree
 
-    def _walk(
-        self,
-        artifact: Artifact,
-        role: str | None,
-        depth: int,
-        recorded_sha: str | None,
-        on_path: set[Path],
-        out: list[LineageNode],
-    ) -> None:
-        manifest = artifact.manifest
-        changed = recorded_sha is not None and recorded_sha != sha256_file(artifact.path / MANIFEST_FILE)
-        out.append(
-            LineageNode(
-                ref=artifact.ref,
-                depth=depth,
-                role=role,
-                stage=manifest.get("stage"),
-                created=manifest.get("created"),
-                base_model=_base_model_id(manifest.get("base_model")),
-                data=_data_names(manifest.get("data")),
-                path=artifact.path,
-                manifest_changed=changed,
-            )
-        )
-        if artifact.path in on_path:  # a damaged registry could loop; stop rather than recurse forever
-            return
-        parents = manifest.get("parents")
-        for entry in parents if isinstance(parents, list) else []:
-            if not isinstance(entry, dict):
-                continue
-            parent = self._find_parent(entry)
-            parent_role = entry.get("role") if isinstance(entry.get("role"), str) else None
-            if parent is None:
-                out.append(
-                    LineageNode(
-                        ref=str(entry.get("ref", "?")),
-                        depth=depth + 1,
-                        role=parent_role,
-                        stage=None,
-                        created=None,
-                        base_model=None,
-                        data=(),
-                        path=None,
-                        missing=True,
-                    )
-                )
-                continue
-            self._walk(parent, parent_role, depth + 1, entry.get("manifest_sha256"), on_path | {artifact.path}, out)
+        return lineage_tree(self, self.resolve(ref))
 
-    def _find_parent(self, entry: dict[str, Any]) -> Artifact | None:
-        # The ref first (this registry), then the recorded absolute path (a parent resolved from another root).
-        ref, path = entry.get("ref"), entry.get("path")
-        candidates = [ref] if isinstance(ref, str) and ref else []
-        if isinstance(path, str) and Path(path).is_absolute():
-            candidates.append(path)
+    def find_parent(self, entry: ParentEntry) -> Artifact | None:
+        """The artifact a parent entry names: by ref in this registry, else by its recorded absolute path (a
+        parent resolved from another root); None when neither exists any more."""
+        candidates = [entry.ref] if entry.ref else []
+        if Path(entry.path).is_absolute():
+            candidates.append(entry.path)
         for candidate in candidates:
             try:
                 return self.resolve(candidate)

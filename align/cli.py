@@ -70,15 +70,14 @@ def _summary_table(artifact: Any) -> Any:
     from rich.table import Table
 
     manifest = artifact.manifest
-    table = Table(title=f"{manifest['stage']} -> {artifact.ref}", show_header=False, title_justify="left")
+    table = Table(title=f"{manifest.stage} -> {artifact.ref}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("artifact", artifact.ref)
     table.add_row("path", str(artifact.path))
-    parent = next((p["ref"] for p in manifest["parents"] if p["role"] == "model"), None)
-    table.add_row("started from", parent or manifest["base_model"]["spec"])
-    table.add_row("duration", f"{manifest['duration_s']:.1f} s")
-    for key, value in manifest["metrics"].items():
+    table.add_row("started from", manifest.started_from)
+    table.add_row("duration", f"{manifest.duration_s:.1f} s")
+    for key, value in manifest.metrics.model_dump().items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     return table
 
@@ -180,8 +179,8 @@ def score(
         raise AlignError(f"--split must be train or eval, not {split!r}")
     reg = _registry(registry)
     artifact = reg.resolve(ref)
-    if artifact.manifest.get("stage") != "reward":
-        raise AlignError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact; `align score` needs a "
+    if artifact.manifest.stage != "reward":
+        raise AlignError(f"{artifact.ref} is a {artifact.manifest.stage} artifact; `align score` needs a "
                          "reward artifact")
     if data is not None:
         rows = getattr(load_data(_card(data, registry)), split)[:limit]
@@ -193,9 +192,9 @@ def score(
     from align.models import load_reward_model
 
     model, tokenizer = load_reward_model(artifact, reg)
-    chat_template = artifact.manifest["adapter"].get("chat_template", "auto")
+    chat_template = artifact.manifest.adapter.chat_template
     columns = [key for key in ("chosen", "rejected", "completion") if rows and key in rows[0]]
-    max_length = artifact.manifest["recipe"]["train"]["max_length"]
+    max_length = artifact.manifest.adapter.max_length
     scores = {key: scoring.score_replies(model, tokenizer, [(r["prompt"], r[key]) for r in rows],
                                          chat_template=chat_template, max_length=max_length) for key in columns}
     records = [{"index": i, **{key: scores[key][i] for key in columns}} for i in range(len(rows))]
@@ -253,7 +252,8 @@ def eval_(
 ) -> None:
     """Compare a policy with its parent on held-out prompts: judge and reward scores, KL, win rate, fluency."""
     from align.errors import AlignError
-    from align.evaluate import EvalSettings, evaluate_artifact
+    from align.eval_result import EvalSettings
+    from align.evaluate import evaluate_artifact
 
     if split not in ("train", "eval"):
         raise AlignError(f"--split must be train or eval, not {split!r}")
@@ -262,7 +262,7 @@ def eval_(
     settings = EvalSettings(card=data, split=split, limit=limit, num_samples=num_samples,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             batch_size=batch_size, judge=judge, reward=reward)
-    result = evaluate_artifact(reg.resolve(ref), reg, settings, card.path)
+    result = evaluate_artifact(reg.resolve(ref), reg, settings, card.path).model_dump()
     _console().print(_eval_table(result))
     _console().print(_examples_table(result))
     _console().print(f"saved {reg.resolve(ref).path / 'eval.json'}")
@@ -279,6 +279,8 @@ def compare(
 
     from rich.table import Table
 
+    from align.eval_result import EvalResult
+
     reg = _registry(registry)
     results = []
     for ref in refs:
@@ -286,7 +288,7 @@ def compare(
         path = artifact.path / "eval.json"
         if not path.is_file():
             raise AlignError(f"{artifact.ref} has no eval.json; run `align eval {artifact.ref} --data CARD` first")
-        results.append(json.loads(path.read_text(encoding="utf-8")))
+        results.append(EvalResult.read(path).model_dump())
     first = results[0]
     table = Table(title=f"{first['prompts']} held-out prompts x {first['settings']['num_samples']} samples, judge "
                         f"{first['settings']['judge']}, seed {first['settings']['seed']}")
@@ -294,7 +296,7 @@ def compare(
         table.add_column(column, justify="left" if column == "model" else "right")
 
     def row(name: str, side: dict[str, Any], kl: str) -> None:
-        reward = f"{side['reward']:+.3f} ± {side['reward_stderr']:.3f}" if "reward" in side else "-"
+        reward = f"{side['reward']:+.3f} ± {side['reward_stderr']:.3f}" if side["reward"] is not None else "-"
         table.add_row(name, f"{side['judge']:+.3f} ± {side['judge_stderr']:.3f}", reward, kl,
                       f"{side['length_tokens']:.1f}", f"{side['distinct_2']:.3f}", f"{side['ref_nll_per_token']:.3f}")
 
@@ -347,7 +349,7 @@ def _eval_table(result: dict[str, Any]) -> Any:
     table.add_row(f"judge ({judge})", f"{parent['judge']:+.3f} ± {parent['judge_stderr']:.3f}",
                   f"{policy['judge']:+.3f} ± {policy['judge_stderr']:.3f}",
                   f"{result['judge_delta']:+.3f} ± {result['judge_delta_stderr']:.3f}")
-    if "reward" in policy:
+    if policy["reward"] is not None:
         table.add_row("reward", f"{parent['reward']:+.3f} ± {parent['reward_stderr']:.3f}",
                       f"{policy['reward']:+.3f} ± {policy['reward_stderr']:.3f}",
                       _pm(policy["reward"] - parent["reward"], result.get("reward_delta_stderr"), "{:+.3f}"))
@@ -554,9 +556,9 @@ def artifacts_list(
         table.add_column(column)
     for artifact in reg.list(name):
         manifest = artifact.manifest
-        parent = ", ".join(p["ref"] for p in manifest.get("parents", [])) or manifest["base_model"]["spec"]
-        data = ", ".join(d.get("name", "?") for d in manifest.get("data", []))
-        table.add_row(artifact.ref, manifest["stage"], manifest.get("created", "")[:19], parent, data)
+        parent = ", ".join(p.ref for p in manifest.parents) or manifest.base_model.spec
+        data = ", ".join(d.name for d in manifest.data)
+        table.add_row(artifact.ref, manifest.stage, manifest.created[:19], parent, data)
     _console().print(table)
 
 
@@ -566,10 +568,8 @@ def artifacts_show(
     registry: RegistryOpt = None,
 ) -> None:
     """Print an artifact's manifest."""
-    import json
-
     artifact = _registry(registry).resolve(ref)
-    typer.echo(json.dumps(artifact.manifest, indent=2, ensure_ascii=False))
+    typer.echo(artifact.manifest.to_json().rstrip())
 
 
 @artifacts_app.command("lineage")
@@ -580,16 +580,13 @@ def artifacts_lineage(
     """The parent chain down to the base model, with data cards at every step."""
     from rich.tree import Tree
 
-    reg = _registry(registry)
-    nodes = reg.lineage(ref)
-    root = Tree(_lineage_label(nodes[0]))
-    stack = [(0, root)]
-    for node in nodes[1:]:
-        while stack and stack[-1][0] >= node.depth:
-            stack.pop()
-        branch = stack[-1][1].add(_lineage_label(node))
-        stack.append((node.depth, branch))
-    _console().print(root)
+    def grow(branch: Any, node: Any) -> Any:
+        for parent in node.parents:
+            grow(branch.add(_lineage_label(parent)), parent)
+        return branch
+
+    root = _registry(registry).lineage(ref)
+    _console().print(grow(Tree(_lineage_label(root)), root))
 
 
 def _lineage_label(node: Any) -> str:

@@ -9,33 +9,18 @@ score is a mean over prompts x samples from a fixed sampling seed; its standard 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align import generation, judges, models, scoring
 from align.errors import ArtifactError
+from align.eval_result import EVAL_FILE, EvalResult, EvalSettings
+from align.stages import stages_producing
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
     from align.generation import Sample
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    card: str
-    split: str = "eval"
-    limit: int | None = 64
-    num_samples: int = 4
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 32
-    judge: str = "vader"
-    reward: str | None = None
 
 
 # ---- pure metrics --------------------------------------------------------------------------------------------
@@ -209,24 +194,24 @@ def _side(samples: list[Sample], logp_ref: list[list[float]], judge_scores: list
         # Replies cut off at max_new_tokens (no stop token): their length and scores describe a cut text.
         "truncated_share": sum(not s.ended for s in samples) / len(samples),
     }
-    if reward_scores is not None:
-        summary["reward"], summary["reward_stderr"] = clustered_mean_stderr(reward_scores, group_size)
+    summary["reward"], summary["reward_stderr"] = (clustered_mean_stderr(reward_scores, group_size)
+                                                   if reward_scores is not None else (None, None))
     return summary
 
 
 def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSettings,
-                      card_path: Path) -> dict[str, Any]:
+                      card_path: Path) -> EvalResult:
     """Sample from the artifact and its parent on the card's held-out prompts and compare them."""
     from align.data import load_card, load_data
 
-    if artifact.manifest.get("stage") not in ("sft", "dpo", "ppo", "grpo", "rloo"):
-        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact; `align eval` "
-                            "compares a policy (sft, dpo, ppo) with its parent")
+    if artifact.manifest.stage not in stages_producing("policy"):
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact; `align eval` compares a "
+                            f"policy ({', '.join(stages_producing('policy'))}) with its parent")
     rows = getattr(load_data(load_card(card_path)), settings.split)[: settings.limit]
     judge, _ = judges.load_judge(settings.judge, registry)
     reward_artifact = registry.resolve(settings.reward) if settings.reward else None
     model, tokenizer = models.load_artifact_model(artifact, registry)
-    chat_template = artifact.manifest["adapter"].get("chat_template", "auto")
+    chat_template = artifact.manifest.adapter.chat_template
     prompts = [row["prompt"] for row in rows for _ in range(settings.num_samples)]
     sampling = {"chat_template": chat_template, "max_new_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
@@ -245,8 +230,8 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
     if reward_artifact is not None:
         del model  # one model at a time keeps peak memory at one copy of the weights
         scorer, score_tokenizer = models.load_reward_model(reward_artifact, registry)
-        template = reward_artifact.manifest["adapter"].get("chat_template", "auto")
-        max_length = reward_artifact.manifest["recipe"]["train"]["max_length"]
+        template = reward_artifact.manifest.adapter.chat_template
+        max_length = reward_artifact.manifest.adapter.max_length
 
         def reward_of(samples: list[Sample]) -> list[float]:
             items = [(p, [{"role": "assistant", "content": s.text}]) for p, s in zip(prompts, samples, strict=True)]
@@ -260,15 +245,16 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
     wins_on = reward_policy is not None
     win_policy, win_parent = (reward_policy, reward_parent) if wins_on else (judge_policy, judge_parent)
     judge_delta, judge_delta_se = paired_delta(judge_policy, judge_parent, group)
-    deltas = {"judge_delta": judge_delta, "judge_delta_stderr": judge_delta_se}
+    deltas = {"judge_delta": judge_delta, "judge_delta_stderr": judge_delta_se, "reward_delta": None,
+              "reward_delta_stderr": None}
     if reward_policy is not None and reward_parent is not None:
         reward_delta, reward_delta_se = paired_delta(reward_policy, reward_parent, group)
         deltas |= {"reward_delta": reward_delta, "reward_delta_stderr": reward_delta_se}
-    result = {
+    result = EvalResult.model_validate({
+        "schema_version": EvalResult.SCHEMA_VERSION,
         "artifact": artifact.ref,
-        "parent": (artifact.manifest.get("adapter_chain") or [{"ref": artifact.manifest["base_model"]["spec"]}])[-1]
-        ["ref"],
-        "settings": asdict(settings),
+        "parent": artifact.manifest.started_from,
+        "settings": settings,
         "prompts": len(rows),
         "samples": len(prompts),
         "policy": policy_side,
@@ -285,11 +271,6 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
             for p, a, b, ja, jb in list(zip(prompts, policy, parent, judge_policy, judge_parent,
                                             strict=True))[:: settings.num_samples][:8]
         ],
-    }
-    target = artifact.path / "eval.json"
-    scratch = target.with_suffix(".json.tmp")
-    from align.training import write_json
-
-    write_json(scratch, result)
-    os.replace(scratch, target)
+    })
+    result.write(artifact.path / EVAL_FILE)
     return result

@@ -6,15 +6,17 @@ Serving stacks and users without PEFT or align load the result with `AutoModelFo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.errors import ArtifactError
+from align.manifest import BaseIdentity, ChainEntry, Normalisation
+from align.records import Record, Strict
+from align.stages import STAGES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,8 +24,44 @@ if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
 
 EXPORT_FILE = "align_export.json"
-# Stages whose adapter carries a scalar score head instead of a language-model head.
-_SCORE_STAGES = ("reward",)
+
+
+class ExportSource(Strict):
+    ref: str
+    path: str
+    stage: str
+    created: str
+
+
+class ExportRecord(Record):
+    """`align_export.json`: what an exported directory is, for people and for `ppo.reward_model: DIR`.
+
+    Schema history: version 0 had no `schema_version`; otherwise the same fields."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    schema_version: int
+    source: ExportSource
+    head: Literal["causal_lm", "score"]
+    model_class: str
+    dtype: str
+    base_model: BaseIdentity
+    adapter_chain: list[ChainEntry]
+    # How inputs were formatted in training ("none": plain text), since the tokenizer may carry a template anyway.
+    chat_template: str | None
+    # A reward model's score statistics on its eval pairs, so `ppo.reward_model: DIR` normalises as the
+    # artifact would (None for policies).
+    normalisation: Normalisation | None
+    # Everything folded into the weights, oldest first: the chain, then the artifact's own adapter.
+    merged_adapters: list[str]
+    exported: str
+    packages: dict[str, str | None]
+
+    @classmethod
+    def of(cls, directory: Path) -> ExportRecord | None:
+        """The record beside an exported model directory, None for a directory `align export` did not write."""
+        path = Path(directory) / EXPORT_FILE
+        return cls.read(path) if path.is_file() else None
 
 
 def export_merged(artifact: Artifact, registry: Registry, out: Path, *, force: bool = False) -> Path:
@@ -53,7 +91,7 @@ def export_merged(artifact: Artifact, registry: Registry, out: Path, *, force: b
 
 def _check_exportable(artifact: Artifact) -> None:
     if not (artifact.adapter_path / "adapter_config.json").is_file():
-        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact with no adapter "
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact with no adapter "
                             f"({artifact.adapter_path} is missing); only trained models can be exported")
 
 
@@ -62,10 +100,10 @@ def _check_target(out: Path, artifact: Artifact, registry: Registry, force: bool
     --force would delete the artifact, the registry or the base model it is built from."""
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--merge {out}: is a file, not a directory; choose a directory path")
-    base = artifact.manifest.get("base_model") or {}
+    base = artifact.manifest.base_model
     sources = [artifact.path.resolve()]
-    if base.get("kind") == "local" and base.get("location"):
-        sources.append(Path(base["location"]).resolve())
+    if base.kind == "local":
+        sources.append(Path(base.location).resolve())
     real = out.resolve()
     # Replacing OUT deletes everything under it; writing inside a source would change what it holds.
     for path in [*sources, registry.root.resolve()]:
@@ -77,7 +115,8 @@ def _check_target(out: Path, artifact: Artifact, registry: Registry, force: bool
 
 def _write_export(artifact: Artifact, registry: Registry, target: Path) -> None:
     """Merge, then save weights, tokenizer, generation config and provenance into the empty dir `target`."""
-    head = "score" if artifact.manifest.get("stage") in _SCORE_STAGES else "causal_lm"
+    # A reward adapter carries a scalar score head instead of a language-model head.
+    head = "score" if STAGES[artifact.manifest.stage].produces == "reward" else "causal_lm"
     model, tokenizer = _merged_model(artifact, registry, head)
     _align_special_tokens(model, tokenizer, head)
     model.save_pretrained(str(target), safe_serialization=True)
@@ -86,8 +125,7 @@ def _write_export(artifact: Artifact, registry: Registry, target: Path) -> None:
         # save_pretrained writes it for models that can generate; make sure, as serving stacks read it for stop ids.
         # (A sequence classifier gets none: it cannot generate, so one would only mislead.)
         model.generation_config.save_pretrained(str(target))
-    (target / EXPORT_FILE).write_text(json.dumps(_provenance(artifact, model, head), indent=2, ensure_ascii=False,
-                                                 default=str) + "\n", encoding="utf-8")
+    _provenance(artifact, model, head).write(target / EXPORT_FILE)
 
 
 def _merged_model(artifact: Artifact, registry: Registry, head: str
@@ -110,7 +148,7 @@ def _trained_dtype(artifact: Artifact) -> Any:
     older manifest) keeps the base's stored dtype."""
     from align.models import torch_dtype
 
-    precision = ((artifact.manifest.get("recipe") or {}).get("train") or {}).get("precision")
+    precision = (artifact.manifest.recipe.get("train") or {}).get("precision")
     return torch_dtype(precision) if precision in ("fp32", "bf16", "fp16") else None
 
 
@@ -119,7 +157,7 @@ def _artifact_tokenizer(artifact: Artifact) -> PreTrainedTokenizerBase:
     load_artifact_model would add align's default one to a tokenizer trained without any."""
     from align.models import BaseModelSpec, load_tokenizer
 
-    return load_tokenizer(BaseModelSpec.from_manifest(artifact.manifest["base_model"]), "none", saved_in=artifact.path)
+    return load_tokenizer(BaseModelSpec.from_manifest(artifact.manifest.base_model), "none", saved_in=artifact.path)
 
 
 def _align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: str) -> None:
@@ -145,30 +183,23 @@ def _align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids or None
 
 
-def _provenance(artifact: Artifact, model: PreTrainedModel, head: str) -> dict[str, Any]:
+def _provenance(artifact: Artifact, model: PreTrainedModel, head: Literal["causal_lm", "score"]) -> ExportRecord:
     """What `align_export.json` records: enough to trace the merged weights back to the registry."""
     from align.artifacts import package_versions
     from align.models import adapter_chain
 
     manifest = artifact.manifest
-    return {
-        "source": {"ref": artifact.ref, "path": str(artifact.path), "stage": manifest.get("stage"),
-                   "created": manifest.get("created")},
-        "head": head,
-        "model_class": type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "base_model": manifest.get("base_model"),
-        "adapter_chain": manifest.get("adapter_chain", []),
-        # How inputs were formatted in training ("none": plain text), since the tokenizer may carry a template anyway.
-        "chat_template": (manifest.get("adapter") or {}).get("chat_template"),
-        # A reward model's score statistics on its eval pairs, so `ppo.reward_model: DIR` normalises as the
-        # artifact would (None for policies).
-        "normalisation": (manifest.get("adapter") or {}).get("normalisation"),
-        # Everything folded into the weights, oldest first: the chain, then the artifact's own adapter.
-        "merged_adapters": [entry["ref"] for entry in adapter_chain(artifact)],
-        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
-        "packages": package_versions(),
-    }
+    adapter = getattr(manifest, "adapter", None)
+    return ExportRecord(
+        schema_version=ExportRecord.SCHEMA_VERSION,
+        source=ExportSource(ref=artifact.ref, path=str(artifact.path), stage=manifest.stage, created=manifest.created),
+        head=head, model_class=type(model).__name__,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        base_model=manifest.base_model, adapter_chain=manifest.adapter_chain,
+        chat_template=adapter.chat_template if adapter else None,
+        normalisation=getattr(adapter, "normalisation", None),
+        merged_adapters=[entry.ref for entry in adapter_chain(artifact)],
+        exported=datetime.now(UTC).isoformat(timespec="seconds"), packages=package_versions())
 
 
 def _move_into_place(scratch: Path, out: Path) -> None:

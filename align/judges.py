@@ -67,13 +67,13 @@ def _reward_model(artifact: Artifact, registry: Registry) -> JudgeFn:
     from align import models, scoring
 
     model, tokenizer = models.load_reward_model(artifact, registry)
-    chat_template = artifact.manifest["adapter"].get("chat_template", "auto")
+    chat_template = artifact.manifest.adapter.chat_template
 
     def judge(prompts: list[list[Message]], replies: list[str]) -> list[float]:
         items = [(prompt, [{"role": "assistant", "content": reply}]) for prompt, reply in zip(prompts, replies,
                                                                                               strict=True)]
         return scoring.score_replies(model, tokenizer, items, chat_template=chat_template,
-                                     max_length=artifact.manifest["recipe"]["train"]["max_length"])
+                                     max_length=artifact.manifest.adapter.max_length)
 
     return judge
 

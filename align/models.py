@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from align.errors import ArtifactError, ModelError
 from align.hashing import sha256_file
+from align.manifest import BaseFile, BaseIdentity, ChainEntry
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -50,9 +51,8 @@ class BaseModelSpec:
     trust_remote_code: bool = False
 
     @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> BaseModelSpec:
-        return cls(entry["spec"], entry["kind"], entry["location"], entry.get("revision"),
-                   entry.get("trust_remote_code", False))
+    def from_manifest(cls, entry: BaseIdentity) -> BaseModelSpec:
+        return cls(entry.spec, entry.kind, entry.location, entry.revision, entry.trust_remote_code)
 
 
 def resolve_base(spec: str, relative_to: Path, revision: str | None = None,
@@ -89,22 +89,18 @@ def _packaged_file(spec: str) -> Path:
     return path
 
 
-def base_identity(base: BaseModelSpec) -> dict[str, Any]:
+def base_identity(base: BaseModelSpec) -> BaseIdentity:
     """What the manifest records about a base model: enough to reload it and to tell if it changed."""
-    identity: dict[str, Any] = {"spec": base.spec, "kind": base.kind, "location": base.location,
-                                "revision": base.revision, "trust_remote_code": base.trust_remote_code}
-    if base.kind == "hub":
-        identity["files"] = None
-        return identity
-    root = Path(base.location)
-    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES
-                                                 or p.name == "config.json")
-    total = sum(p.stat().st_size for p in files)
-    identity["files"] = [
-        {"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p) if total <= _HASH_LIMIT_BYTES else None}
-        for p in files
-    ]
-    return identity
+    files = None
+    if base.kind != "hub":
+        root = Path(base.location)
+        paths = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES
+                                                     or p.name == "config.json")
+        hashed = sum(p.stat().st_size for p in paths) <= _HASH_LIMIT_BYTES
+        files = [BaseFile(name=p.name, bytes=p.stat().st_size, sha256=sha256_file(p) if hashed else None)
+                 for p in paths]
+    return BaseIdentity(spec=base.spec, kind=base.kind, location=base.location, revision=base.revision,
+                        trust_remote_code=base.trust_remote_code, files=files)
 
 
 def _cache_root() -> Path:
@@ -211,17 +207,16 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
     return PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
 
 
-def adapter_chain(artifact: Artifact) -> list[dict[str, Any]]:
+def adapter_chain(artifact: Artifact) -> list[ChainEntry]:
     """Adapters to merge, oldest first, to rebuild `artifact`'s model from its base (its own adapter last)."""
-    return [*artifact.manifest.get("adapter_chain", []),
-            {"ref": artifact.ref, "path": str(artifact.adapter_path)}]
+    return [*artifact.manifest.adapter_chain, ChainEntry(ref=artifact.ref, path=str(artifact.adapter_path))]
 
 
-def _chain_adapter_dir(entry: dict[str, Any], registry: Registry) -> Path:
-    path = Path(entry["path"])
+def _chain_adapter_dir(entry: ChainEntry, registry: Registry) -> Path:
+    path = Path(entry.path)
     if (path / "adapter_config.json").exists():
         return path
-    return registry.resolve(entry["ref"]).adapter_path
+    return registry.resolve(entry.ref).adapter_path
 
 
 @dataclass
@@ -230,7 +225,7 @@ class StartingPoint:
 
     base: BaseModelSpec
     parent: Artifact | None
-    chain: list[dict[str, Any]]  # adapters merged into the base, oldest first
+    chain: list[ChainEntry]  # adapters merged into the base, oldest first
 
     def manifest_entries(self) -> dict[str, Any]:
         return {"base_model": base_identity(self.base), "adapter_chain": self.chain}
@@ -243,7 +238,7 @@ def resolve_starting_point(recipe: Recipe, registry: Registry) -> StartingPoint:
         base = resolve_base(section.base or "", recipe.path.parent, section.revision, section.trust_remote_code)
         return StartingPoint(base, None, [])
     parent = registry.resolve(section.from_)
-    base = BaseModelSpec.from_manifest(parent.manifest["base_model"])
+    base = BaseModelSpec.from_manifest(parent.manifest.base_model)
     return StartingPoint(base, parent, adapter_chain(parent))
 
 
@@ -264,9 +259,9 @@ def load_artifact_model(artifact: Artifact, registry: Registry, dtype: Any = Non
     from peft import PeftModel
 
     if not (artifact.adapter_path / "adapter_config.json").exists():
-        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact with no adapter")
-    start = StartingPoint(BaseModelSpec.from_manifest(artifact.manifest["base_model"]), None,
-                          artifact.manifest.get("adapter_chain", []))
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact with no adapter")
+    start = StartingPoint(BaseModelSpec.from_manifest(artifact.manifest.base_model), None,
+                          list(artifact.manifest.adapter_chain))
     tokenizer = load_tokenizer(start.base, "auto", saved_in=artifact.path)
     model = load_starting_model(start, registry, dtype, head=head)
     if head == "score":
@@ -276,8 +271,8 @@ def load_artifact_model(artifact: Artifact, registry: Registry, dtype: Any = Non
 
 def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None) -> tuple[Any, Any]:
     """A reward artifact as a ready scorer: its SEQ_CLS adapter (with the trained score head) on its parent."""
-    if artifact.manifest.get("stage") != "reward":
-        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.get('stage')} artifact, not a reward model")
+    if artifact.manifest.stage != "reward":
+        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact, not a reward model")
     return load_artifact_model(artifact, registry, dtype, head="score")
 
 

@@ -68,12 +68,12 @@ def resolve(recipe: Recipe, registry: Registry) -> RewardSpec:
             artifact = registry.resolve(section.reward_model)
         except ArtifactError as exc:
             raise ArtifactError(f"{stage}.reward_model: {exc}") from None
-        if artifact.manifest.get("stage") != "reward":
-            raise ArtifactError(f"{stage}.reward_model: {artifact.ref} is a {artifact.manifest.get('stage')} "
+        if artifact.manifest.stage != "reward":
+            raise ArtifactError(f"{stage}.reward_model: {artifact.ref} is a {artifact.manifest.stage} "
                                 "artifact, not a reward model (train one with `align reward`)")
         if section.normalize_reward:
-            normalisation = reward_normalisation(artifact.manifest.get("adapter", {}).get("normalisation"),
-                                                 artifact.ref, stage)
+            stats = artifact.manifest.adapter.normalisation
+            normalisation = reward_normalisation(stats.model_dump() if stats else None, artifact.ref, stage)
         parents.append((artifact, "reward"))
     judge = None
     if section.reward_function is not None:
@@ -178,8 +178,8 @@ def reward_function(spec: RewardSpec, registry: Registry, policy_tokenizer: Any,
         peft_model, score_tokenizer = models.load_reward_model(artifact, registry, dtype)
         scorer = peft_model.merge_and_unload().to(PartialState().device).eval()
         scorer.requires_grad_(False)
-        rm_template = artifact.manifest["adapter"].get("chat_template", "auto")
-        rm_max_length = artifact.manifest["recipe"]["train"]["max_length"]
+        rm_template = artifact.manifest.adapter.chat_template
+        rm_max_length = artifact.manifest.adapter.max_length
     eos_ids = set(stop_ids)
 
     def reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
@@ -237,7 +237,8 @@ def rollout_metrics(log_history: list[dict[str, Any]], masked_truncated: bool = 
     replies and no per-sequence figure is derived (None)."""
     logs = [entry for entry in log_history if "reward" in entry and "train_runtime" not in entry]
     if not logs:
-        return {"reward_first": None, "reward_last": None, "kl_last": None, "kl_per_token_last": None}
+        return {"reward_first": None, "reward_last": None, "kl_last": None, "kl_per_token_last": None,
+                "completion_length_last": None, "clipped_ratio_last": None}
     last = logs[-1]
     per_token, length = last.get("kl"), last.get("completions/mean_length")
     return {"reward_first": logs[0]["reward"], "reward_last": last["reward"],

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from align import models, runtime
-from align.artifacts import REQUIRED_MANIFEST_KEYS, Artifact, Registry, git_state, package_versions, parent_entry
+from align.artifacts import Artifact, Registry, git_state, package_versions, parent_entry
 from align.data import LoadedData, get_format, load_card, load_data
 from align.errors import DataError, RecipeError, StageInterrupted
 from align.generation import to_plain_text_row
@@ -61,7 +61,7 @@ def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summ
     """Find (with --resume) or reset the run directory for this exact recipe, starting point and data."""
     key = sha256_json({
         "recipe": recipe.to_dict(),
-        "start": start.manifest_entries()["adapter_chain"],
+        "start": [entry.model_dump() for entry in start.chain],
         "base": start.base.location,
         "data": [f["sha256"] for f in data_summary.get("files", [])],
     })[:16]
@@ -263,7 +263,7 @@ def publish_adapter(trainer: Any, inputs: StageInputs, *, task_type: str, metric
     lora = recipe.lora
     adapter = {"task_type": task_type, "r": lora.r, "lora_alpha": lora.lora_alpha,
                "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
-               **(adapter_extra or {})}
+               "max_length": recipe.train.max_length, **(adapter_extra or {})}
     return publish(run, write_files=write_files, metrics=metrics, details={"adapter": adapter, **(details or {})},
                    extra_parents=extra_parents)
 
@@ -312,8 +312,6 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
             "git": git_state(Path.cwd()),
             "duration_s": round(time.time() - run.started, 2),
         }
-        missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-        assert not missing, f"manifest lacks {missing}"
         with run.registry.staging(recipe.name) as staging:
             write_files(staging)
             # Tracker logs (TensorBoard event files) of the run: TRL's under checkpoints/runs, ours under logs/.

@@ -10,7 +10,6 @@ comparison (`bench/`) and for reward models trained from a different starting po
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,9 @@ from align.online_rewards import reward_normalisation
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
+    from align.export import ExportRecord
     from align.generation import Message
+    from align.manifest import BaseIdentity, ChainEntry
     from align.models import StartingPoint
     from align.recipe import Recipe
 
@@ -209,8 +210,8 @@ def value_head_from_reward(weight: torch.Tensor, normalisation: dict[str, float]
     return weight.float() / normalisation["std"], -normalisation["mean"] / normalisation["std"]
 
 
-def _chain_refs(chain: list[dict[str, Any]]) -> list[str]:
-    return [entry["ref"] for entry in chain]
+def _chain_refs(chain: list[ChainEntry]) -> list[str]:
+    return [entry.ref for entry in chain]
 
 
 @dataclass
@@ -224,10 +225,11 @@ class RewardReading:
     normalisation: dict[str, float] | None
 
 
-def _export_record(directory: Path) -> dict[str, Any]:
-    """What `align export` recorded beside a plain model directory (chat template, score statistics), or {}."""
-    path = directory / "align_export.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _export_record(directory: Path) -> ExportRecord | None:
+    """What `align export` recorded beside a plain model directory (chat template, score statistics), or None."""
+    from align.export import ExportRecord
+
+    return ExportRecord.of(directory)
 
 
 def _normalisation(reward: Artifact | Path, recipe: Recipe) -> dict[str, float] | None:
@@ -235,8 +237,11 @@ def _normalisation(reward: Artifact | Path, recipe: Recipe) -> dict[str, float] 
     if not recipe.ppo.normalize_reward:
         return None
     if isinstance(reward, Path):
-        return reward_normalisation(_export_record(reward).get("normalisation"), str(reward), "ppo")
-    return reward_normalisation(reward.manifest.get("adapter", {}).get("normalisation"), reward.ref, "ppo")
+        record = _export_record(reward)
+        stats = record.normalisation if record else None
+        return reward_normalisation(stats.model_dump() if stats else None, str(reward), "ppo")
+    stats = reward.manifest.adapter.normalisation
+    return reward_normalisation(stats.model_dump() if stats else None, reward.ref, "ppo")
 
 
 def _reward_reading(reward: Artifact | Path | None, recipe: Recipe, policy_tokenizer: Any) -> RewardReading:
@@ -244,12 +249,13 @@ def _reward_reading(reward: Artifact | Path | None, recipe: Recipe, policy_token
         return RewardReading(policy_tokenizer, recipe.model.chat_template, None, None)
     if isinstance(reward, Path):  # a plain HF model directory; `align export` records its template and statistics
         tokenizer = models.load_tokenizer(models.BaseModelSpec(str(reward), "local", str(reward)), "none")
-        return RewardReading(tokenizer, _export_record(reward).get("chat_template") or "auto", None,
+        record = _export_record(reward)
+        return RewardReading(tokenizer, (record.chat_template if record else None) or "auto", None,
                              _normalisation(reward, recipe))
-    base = models.BaseModelSpec.from_manifest(reward.manifest["base_model"])
+    base = models.BaseModelSpec.from_manifest(reward.manifest.base_model)
     return RewardReading(models.load_tokenizer(base, "auto", saved_in=reward.path),
-                         reward.manifest["adapter"].get("chat_template", "auto"),
-                         reward.manifest["recipe"]["train"]["max_length"], _normalisation(reward, recipe))
+                         reward.manifest.adapter.chat_template, reward.manifest.adapter.max_length,
+                         _normalisation(reward, recipe))
 
 
 def check_reward(recipe: Recipe, registry: Registry, reward: Artifact | Path | None) -> None:
@@ -272,27 +278,27 @@ def check_output_layer_plain(model: Any, recipe: Recipe) -> None:
                           "layers only")
 
 
-def _same_base(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def _same_base(a: BaseIdentity, b: BaseIdentity) -> bool:
     """Two recorded base identities name the same weights: equal file hashes where both have them (a moved
     registry or model directory is still the same model), else the same location and revision."""
-    hashes = [[(f["name"], f.get("sha256")) for f in identity.get("files") or []] for identity in (a, b)]
+    hashes = [[(f.name, f.sha256) for f in identity.files or []] for identity in (a, b)]
     if all(hashes) and all(sha for files in hashes for _, sha in files):
-        return hashes[0] == hashes[1] and a.get("revision") == b.get("revision")
-    return (a.get("location"), a.get("revision")) == (b.get("location"), b.get("revision"))
+        return hashes[0] == hashes[1] and a.revision == b.revision
+    return (a.location, a.revision) == (b.location, b.revision)
 
 
 def _value_start(reward: Artifact, start: StartingPoint, recipe: Recipe) -> StartingPoint:
     """Where the value model starts in the separate layout: the reward model's own base and chain, so its copy of
     the reward adapter sits on the weights it was trained on. It reads the policy's tokens, so both must share a
     base (and so a tokenizer)."""
-    reward_base = models.BaseModelSpec.from_manifest(reward.manifest["base_model"])
+    reward_base = models.BaseModelSpec.from_manifest(reward.manifest.base_model)
     # The policy's base as its parent recorded it (no second hash of the weights), else identified now.
-    policy_base = start.parent.manifest["base_model"] if start.parent else models.base_identity(start.base)
-    if not _same_base(reward.manifest["base_model"], policy_base):
+    policy_base = start.parent.manifest.base_model if start.parent else models.base_identity(start.base)
+    if not _same_base(reward.manifest.base_model, policy_base):
         raise RecipeError(f"{recipe.path}: ppo.value_from_reward: {reward.ref} was trained on {reward_base.spec}, the "
                           f"policy starts from {start.base.spec}; the value model reads the policy's tokens, so it "
                           "cannot start from this reward model: set ppo.value_from_reward: false")
-    return models.StartingPoint(reward_base, None, reward.manifest.get("adapter_chain", []))
+    return models.StartingPoint(reward_base, None, list(reward.manifest.adapter_chain))
 
 
 def _load_plain_reward_model(directory: Path, dtype: Any, tokenizer: Any) -> Any:
@@ -326,11 +332,11 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
         return _head(weight, hidden_size, trainable=True, bias=bias)
 
     if settings.models == "shared":
-        if reward is not None and _chain_refs(reward.manifest.get("adapter_chain", [])) != _chain_refs(start.chain):
+        if reward is not None and _chain_refs(reward.manifest.adapter_chain) != _chain_refs(start.chain):
             raise RecipeError(
                 f"{recipe.path}: ppo.models: shared puts the reward adapter on the policy's starting model "
                 f"({' + '.join(_chain_refs(start.chain)) or 'the base'}), but {reward.ref} was trained from "
-                f"{' + '.join(_chain_refs(reward.manifest.get('adapter_chain', []))) or 'the base'}; "
+                f"{' + '.join(_chain_refs(reward.manifest.adapter_chain)) or 'the base'}; "
                 "use ppo.models: separate")
         reward_head = value_weight = None
         if reward is not None:

@@ -34,8 +34,8 @@ def _reward_source(recipe: Recipe, registry: Registry) -> Artifact | Path | None
                               "the policy's base; use ppo.models: separate")
         return directory
     artifact = registry.resolve(spec)
-    if artifact.manifest.get("stage") != "reward":
-        raise ArtifactError(f"ppo.reward_model: {artifact.ref} is a {artifact.manifest.get('stage')} artifact, "
+    if artifact.manifest.stage != "reward":
+        raise ArtifactError(f"ppo.reward_model: {artifact.ref} is a {artifact.manifest.stage} artifact, "
                             "not a reward model")
     return artifact
 
@@ -103,10 +103,12 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     lora = recipe.lora
     adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
                "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
+               "max_length": recipe.train.max_length,
                "value": "value/: the value adapter and value_head.safetensors (its scalar head: weight, bias)"}
-    details = {"adapter": adapter, "ppo": recipe.ppo.model_dump()}
-    if isinstance(reward, Path):  # not an artifact, so not a parent: record what it was
-        details["reward_model"] = models.base_identity(models.BaseModelSpec(str(reward), "local", str(reward)))
+    # A plain model directory is not an artifact, so not a parent: record what it was.
+    plain_reward = models.base_identity(models.BaseModelSpec(str(reward), "local", str(reward))) \
+        if isinstance(reward, Path) else None
+    details = {"adapter": adapter, "ppo": recipe.ppo.model_dump(), "reward_model": plain_reward}
     return training.publish(run_state, write_files=write_files, metrics=metrics, details=details,
                             extra_parents=[(reward, "reward")] if isinstance(reward, Artifact) else [])
 
@@ -132,10 +134,10 @@ def _save_adapters(holder: ppo_roles.Roles, final: Path) -> None:
 
 
 def _eval_scores(holder: ppo_roles.Roles, tokenizer: Any, prompts: list[Any], recipe: Recipe, reward_fn: Any,
-                 policy: bool) -> dict[str, float]:
+                 policy: bool) -> dict[str, float | None]:
     """Mean reward of sampled replies to the held-out prompts, from the policy or (policy=False) the reference."""
     if not prompts:
-        return {}
+        return {"reward": None, "eos_fraction": None, "response_length": None, "score": None}
     settings = recipe.ppo
     sampling = {"chat_template": recipe.model.chat_template, "max_new_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p, "seed": recipe.train.seed,
@@ -153,7 +155,6 @@ def _eval_scores(holder: ppo_roles.Roles, tokenizer: Any, prompts: list[Any], re
         total, raw, ended = sequence_scores(holder, prompts, samples, settings, reward_fn,
                                             recipe.train.per_device_eval_batch_size)
     result = {"reward": total.mean().item(), "eos_fraction": ended.float().mean().item(),
-              "response_length": sum(len(s.reply_ids) for s in samples) / len(samples)}
-    if raw is not None:
-        result["score"] = raw.mean().item()
+              "response_length": sum(len(s.reply_ids) for s in samples) / len(samples),
+              "score": raw.mean().item() if raw is not None else None}
     return result
