@@ -192,15 +192,6 @@ class Registry:
             return ArtifactError(f"artifact {name!r} has no published versions yet (in {self.root}){hint}")
         return ArtifactError(f"unknown artifact {name!r} in {self.root}{hint} (known: {', '.join(known)})")
 
-    def data_card(self, ref: str) -> tuple[Path, Artifact]:
-        """The data card a dataset artifact (e.g. from `align pairs`) carries, for `data.card: NAME@vN`."""
-        artifact = self.resolve(ref)
-        card = artifact.path / "card.yaml"
-        if not card.is_file():
-            raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact with no data card "
-                                "(card.yaml); name a dataset artifact (from `align pairs`) or a card file")
-        return card, artifact
-
     def resolve(self, ref: str) -> Artifact:
         """Turn `name@vN`, `name@latest`, bare `name` (= latest) or an artifact directory path into an Artifact."""
         if not isinstance(ref, str) or not ref.strip():

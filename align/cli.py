@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from align.errors import AlignError
+from align.stages import STAGES, Stage
 
 app = typer.Typer(
     name="align",
@@ -59,11 +62,9 @@ CardArg = Annotated[str, typer.Argument(help="Data card YAML file, or a dataset 
 
 def _card(value: str, registry: Path | None = None) -> Any:
     """Load a data card named by a path or by a dataset artifact reference (`tiny-pairs@latest`)."""
-    from align.data import load_card
+    from align.data import load_card_ref
 
-    if "@" in value:
-        return load_card(_registry(registry).data_card(value)[0])
-    return load_card(value)
+    return load_card_ref(value, _registry(registry))
 
 
 def _summary_table(artifact: Any) -> Any:
@@ -85,73 +86,47 @@ def _summary_table(artifact: Any) -> Any:
 # ---- stages ------------------------------------------------------------------------------------------------
 
 
+class Split(StrEnum):
+    """The two splits of every data card (`--split`)."""
+
+    train = "train"
+    eval = "eval"
+
+
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this recipe.")]
 
 
-def _run_stage(stage: str, recipe_path: Path, overrides: list[str] | None, resume: bool, registry: Path | None) -> None:
+def _run_stage(stage: Stage, recipe_path: Path, overrides: list[str] | None, resume: bool,
+               registry: Path | None) -> None:
     """Load the recipe, re-launch under Accelerate if asked, run the stage, print its summary."""
-    import importlib
-
     from align.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides or [], stage=stage)
+    recipe = load_recipe(recipe_path, overrides or [], stage=stage.name)
     if _self_launched(recipe):
         return
-    module = importlib.import_module(f"align.stages.{stage}")
     console = _console(stderr=True)
-    artifact = module.run(recipe, _registry(registry, recipe.output.root), resume=resume,
-                          say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+    artifact = stage.run(recipe, _registry(registry, recipe.output.root), resume=resume,
+                         say=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
     if artifact is not None:
         _console().print(_summary_table(artifact))
-        _console().print(f"published {artifact.ref} -> {artifact.path}")
+        _console().print(f"published {artifact.ref} -> {artifact.path}", markup=False)
 
 
-@app.command()
-def sft(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-        registry: RegistryOpt = None) -> None:
-    """Supervised fine-tuning with LoRA: a data card of conversations -> a versioned adapter."""
-    _run_stage("sft", recipe_path, overrides, resume, registry)
+def _stage_command(stage: Stage) -> Any:
+    """The `align <stage> RECIPE` command of a registered stage (with --resume when the stage can resume)."""
+    if stage.resumable:
+        def command(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
+                    registry: RegistryOpt = None) -> None:
+            _run_stage(stage, recipe_path, overrides, resume, registry)
+    else:
+        def command(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
+            _run_stage(stage, recipe_path, overrides, False, registry)
+    command.__doc__ = stage.summary
+    return command
 
 
-@app.command()
-def reward(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-           registry: RegistryOpt = None) -> None:
-    """Reward model with LoRA + score head on preference pairs -> a versioned reward adapter."""
-    _run_stage("reward", recipe_path, overrides, resume, registry)
-
-
-@app.command()
-def dpo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-        registry: RegistryOpt = None) -> None:
-    """Direct preference optimisation from an SFT artifact; the reference is the same model, adapter off."""
-    _run_stage("dpo", recipe_path, overrides, resume, registry)
-
-
-@app.command()
-def ppo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-        registry: RegistryOpt = None) -> None:
-    """PPO from an SFT artifact with a reward artifact: policy, value and reward adapters on one base model."""
-    _run_stage("ppo", recipe_path, overrides, resume, registry)
-
-
-@app.command()
-def grpo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-         registry: RegistryOpt = None) -> None:
-    """GRPO (TRL): group-relative policy optimisation with a reward artifact and/or a reward function."""
-    _run_stage("grpo", recipe_path, overrides, resume, registry)
-
-
-@app.command()
-def rloo(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-         registry: RegistryOpt = None) -> None:
-    """RLOO (TRL): REINFORCE with a leave-one-out baseline, with a reward artifact and/or a reward function."""
-    _run_stage("rloo", recipe_path, overrides, resume, registry)
-
-
-@app.command()
-def pairs(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
-    """Preference pairs: sample K replies per prompt from a policy, label them with a judge -> a versioned card."""
-    _run_stage("pairs", recipe_path, overrides, False, registry)
+for _stage in STAGES.values():
+    app.command(_stage.name)(_stage_command(_stage))
 
 
 @app.command()
@@ -159,11 +134,11 @@ def score(
     ref: Annotated[str, typer.Argument(help="Reward artifact: NAME@vN, NAME@latest, NAME or a path.",
                                        show_default=False)],
     data: Annotated[str | None, typer.Option(help="Score the rows of this data card (path or NAME@vN).")] = None,
-    split: Annotated[str, typer.Option(help="train or eval (with --data).")] = "eval",
+    split: Annotated[Split, typer.Option(help="Which rows of the card (with --data).")] = Split.eval,
     prompt: Annotated[str | None, typer.Option(help="A user prompt (with --response).")] = None,
     response: Annotated[list[str] | None, typer.Option(help="A reply to score (repeatable).")] = None,
     output: Annotated[str, typer.Option("--output", help="table or jsonl.")] = "table",
-    limit: Annotated[int | None, typer.Option(help="Score at most this many rows.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score at most this many rows.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Score replies with a reward artifact: the rows of a data card, or --prompt with --response(s)."""
@@ -175,15 +150,13 @@ def score(
         raise AlignError(f"--output must be table or jsonl, not {output!r}")
     if (data is None) == (prompt is None) or (prompt is not None and not response):
         raise AlignError("give either --data CARD, or --prompt P with one or more --response R")
-    if split not in ("train", "eval"):
-        raise AlignError(f"--split must be train or eval, not {split!r}")
     reg = _registry(registry)
     artifact = reg.resolve(ref)
     if artifact.manifest.stage != "reward":
         raise AlignError(f"{artifact.ref} is a {artifact.manifest.stage} artifact; `align score` needs a "
                          "reward artifact")
     if data is not None:
-        rows = getattr(load_data(_card(data, registry)), split)[:limit]
+        rows = getattr(load_data(_card(data, registry)), split.value)[:limit]
     else:
         rows = [{"prompt": [{"role": "user", "content": prompt}],
                  "completion": [{"role": "assistant", "content": reply}]} for reply in response or []]
@@ -225,7 +198,7 @@ def _self_launched(recipe: Any) -> bool:
 
     if not runtime.should_self_launch(recipe.launch.num_processes):
         return False
-    from align.recipe import detect_device
+    from align.device import detect_device
 
     config = recipe.relative_path(recipe.launch.accelerate_config) if recipe.launch.accelerate_config else None
     code = runtime.self_launch(sys.argv[1:], recipe.launch.num_processes, config, detect_device()["type"] == "cuda")
@@ -239,27 +212,24 @@ def eval_(
     ref: Annotated[str, typer.Argument(help="Policy artifact (sft, dpo, ...): NAME@vN, NAME@latest or a path.",
                                        show_default=False)],
     data: Annotated[str, typer.Option(help="Card (path or NAME@vN) whose prompts to answer.")],
-    split: Annotated[str, typer.Option(help="train or eval: held-out prompts by default.")] = "eval",
-    limit: Annotated[int, typer.Option(help="Number of prompts.")] = 64,
-    num_samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit.")] = 48,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    split: Annotated[Split, typer.Option(help="Which prompts of the card: held-out ones by default.")] = Split.eval,
+    limit: Annotated[int, typer.Option(min=1, help="Number of prompts.")] = 64,
+    num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Reply length limit.")] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed, the same for artifact and parent.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Replies generated together.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Replies generated together.")] = 32,
     judge: Annotated[str, typer.Option(help="vader | reward:NAME@vN | module:function.")] = "vader",
     reward: Annotated[str | None, typer.Option(help="Reward artifact for reward scores and win rate.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Compare a policy with its parent on held-out prompts: judge and reward scores, KL, win rate, fluency."""
-    from align.errors import AlignError
     from align.eval_result import EvalSettings
     from align.evaluate import evaluate_artifact
 
-    if split not in ("train", "eval"):
-        raise AlignError(f"--split must be train or eval, not {split!r}")
     reg = _registry(registry)
     card = _card(data, registry)
-    settings = EvalSettings(card=data, split=split, limit=limit, num_samples=num_samples,
+    settings = EvalSettings(card=data, split=split.value, limit=limit, num_samples=num_samples,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             batch_size=batch_size, judge=judge, reward=reward)
     result = evaluate_artifact(reg.resolve(ref), reg, settings, card.path).model_dump()
@@ -403,14 +373,13 @@ def export(
 @recipe_app.command("validate")
 def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
     """Check a recipe: schema, unknown keys, and that its data card and model/artifact references exist."""
-    from align.data import load_card
+    from align.data import load_card, resolve_card
     from align.models import resolve_starting_point
     from align.recipe import load_recipe
-    from align.training import resolve_card
 
     recipe = load_recipe(recipe_path, overrides or [])
     reg = _registry(registry, recipe.output.root)
-    card = load_card(resolve_card(recipe, reg)[0])
+    card = load_card(resolve_card(recipe.data.card, recipe.path.parent, reg)[0])
     resolve_starting_point(recipe, reg)
     _console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
 
@@ -424,7 +393,8 @@ def recipe_show(
     """Print the recipe with every default filled in (as the manifest will record it)."""
     import yaml
 
-    from align.recipe import detect_device, load_recipe, resolve_device_defaults
+    from align.device import detect_device, resolve_device_defaults
+    from align.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
     if resolved:
@@ -522,20 +492,17 @@ def _token_counter(tokenizer_spec: str, chat_template: str) -> Any:
 @data_app.command("preview")
 def data_preview(
     card_path: CardArg,
-    rows: Annotated[int, typer.Option("-n", "--rows", help="How many rows to show.")] = 3,
-    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+    rows: Annotated[int, typer.Option("-n", "--rows", min=1, help="How many rows to show.")] = 3,
+    split: Annotated[Split, typer.Option(help="Which rows of the card.")] = Split.train,
     registry: RegistryOpt = None,
 ) -> None:
     """Show a few rows as the trainer will see them (after format conversion)."""
     from align.data import describe_row, load_data
-    from align.errors import DataError
 
-    if split not in ("train", "eval"):
-        raise DataError(f"--split must be train or eval, not {split!r}")
     data = load_data(_card(card_path, registry))
     console = _console()
-    for index, row in enumerate(getattr(data, split)[:rows]):
-        console.rule(f"{split} row {index}")
+    for index, row in enumerate(getattr(data, split.value)[:rows]):
+        console.rule(f"{split.value} row {index}")
         console.print(describe_row(row), markup=False)
 
 
@@ -601,16 +568,19 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors exit 2 with one message, interrupts 143/130, bugs 1 with a traceback."""
     import click
 
+    # Typer 0.29 vendors its own copy of click: usage errors and aborts come from either, depending on the version.
+    aborts = (click.exceptions.Abort, typer.Abort)
+    usage_errors = (click.exceptions.ClickException, typer.TyperException)
     try:
         code = app(args=argv, standalone_mode=False)
     except AlignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except aborts:
         sys.exit(130)
-    except click.exceptions.ClickException as exc:
+    except usage_errors as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted; nothing was published", file=sys.stderr)
         sys.exit(130)

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align import generation, judges, models, scoring
+from align import generation, judges, models
 from align.errors import ArtifactError
 from align.eval_result import EVAL_FILE, EvalResult, EvalSettings
+from align.rewards import RewardModel
 from align.stages import stages_producing
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
                             f"policy ({', '.join(stages_producing('policy'))}) with its parent")
     rows = getattr(load_data(load_card(card_path)), settings.split)[: settings.limit]
     judge, _ = judges.load_judge(settings.judge, registry)
-    reward_artifact = registry.resolve(settings.reward) if settings.reward else None
+    reward = RewardModel.of(registry.resolve(settings.reward), "`align eval --reward`") if settings.reward else None
     model, tokenizer = models.load_artifact_model(artifact, registry)
     chat_template = artifact.manifest.adapter.chat_template
     prompts = [row["prompt"] for row in rows for _ in range(settings.num_samples)]
@@ -227,18 +228,11 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
     judge_policy = judge(prompts, [s.text for s in policy])
     judge_parent = judge(prompts, [s.text for s in parent])
     reward_policy = reward_parent = None
-    if reward_artifact is not None:
+    if reward is not None:
         del model  # one model at a time keeps peak memory at one copy of the weights
-        scorer, score_tokenizer = models.load_reward_model(reward_artifact, registry)
-        template = reward_artifact.manifest.adapter.chat_template
-        max_length = reward_artifact.manifest.adapter.max_length
-
-        def reward_of(samples: list[Sample]) -> list[float]:
-            items = [(p, [{"role": "assistant", "content": s.text}]) for p, s in zip(prompts, samples, strict=True)]
-            return scoring.score_replies(scorer, score_tokenizer, items, chat_template=template,
-                                         max_length=max_length)
-
-        reward_policy, reward_parent = reward_of(policy), reward_of(parent)
+        scorer = reward.load(registry)
+        reward_policy = scorer.score(prompts, [s.text for s in policy])
+        reward_parent = scorer.score(prompts, [s.text for s in parent])
 
     policy_side = _side(policy, ref_on_policy, judge_policy, reward_policy, group)
     parent_side = _side(parent, ref_on_parent, judge_parent, reward_parent, group)
@@ -265,7 +259,7 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
         "ref_nll_rise": policy_side["ref_nll_per_token"] - parent_side["ref_nll_per_token"],
         "win_rate": win_rate(win_policy, win_parent),
         "win_rate_stderr": win_rate_stderr(win_policy, win_parent, group),
-        "win_rate_by": f"reward:{reward_artifact.ref}" if wins_on else settings.judge,
+        "win_rate_by": f"reward:{reward.source}" if reward is not None else settings.judge,
         "examples": [
             {"prompt": p[-1]["content"], "parent": b.text, "artifact": a.text, "judge_parent": jb, "judge_artifact": ja}
             for p, a, b, ja, jb in list(zip(prompts, policy, parent, judge_policy, judge_parent,

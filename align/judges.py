@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from align.errors import AlignError
+from align.generation import Message
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
 
-Message = dict[str, str]
 JudgeFn = Callable[[list[list[Message]], list[str]], list[float]]
 
 
@@ -63,28 +63,15 @@ def _callable(spec: str) -> JudgeFn:
     return judge
 
 
-def _reward_model(artifact: Artifact, registry: Registry) -> JudgeFn:
-    from align import models, scoring
-
-    model, tokenizer = models.load_reward_model(artifact, registry)
-    chat_template = artifact.manifest.adapter.chat_template
-
-    def judge(prompts: list[list[Message]], replies: list[str]) -> list[float]:
-        items = [(prompt, [{"role": "assistant", "content": reply}]) for prompt, reply in zip(prompts, replies,
-                                                                                              strict=True)]
-        return scoring.score_replies(model, tokenizer, items, chat_template=chat_template,
-                                     max_length=artifact.manifest.adapter.max_length)
-
-    return judge
-
-
 def load_judge(spec: str, registry: Registry) -> tuple[JudgeFn, Artifact | None]:
     """The judge named by `spec`, and the reward artifact behind it (for the manifest's parents) if any."""
     if spec == "vader":
         return _vader(), None
     if spec.startswith("reward:"):
+        from align.rewards import RewardModel
+
         artifact = registry.resolve(spec[len("reward:"):])
-        return _reward_model(artifact, registry), artifact
+        return RewardModel.of(artifact, f"judge '{spec}'").load(registry).score, artifact
     if ":" in spec and not Path(spec).exists():
         return _callable(spec), None
     raise JudgeError(f"unknown judge '{spec}': use 'vader', 'reward:NAME@vN' or 'package.module:function'")

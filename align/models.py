@@ -270,9 +270,8 @@ def load_artifact_model(artifact: Artifact, registry: Registry, dtype: Any = Non
 
 
 def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None) -> tuple[Any, Any]:
-    """A reward artifact as a ready scorer: its SEQ_CLS adapter (with the trained score head) on its parent."""
-    if artifact.manifest.stage != "reward":
-        raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact, not a reward model")
+    """A reward artifact's weights: its SEQ_CLS adapter (with the trained score head) on its parent. Readers
+    score through `align.rewards.RewardModel`, which checks first that the artifact is a reward model."""
     return load_artifact_model(artifact, registry, dtype, head="score")
 
 
@@ -288,6 +287,15 @@ def lm_head(model: Any) -> Any:
     return inner.get_output_embeddings()
 
 
+def entropy_from_logits(logits: Any) -> Any:
+    """Entropy [B, T] of the softmax over the last dim of logits [B, T, V], computed in fp32."""
+    import torch
+
+    # H = -sum p log p = logsumexp(z) - sum softmax(z) * z
+    logits = logits.float().clamp(min=torch.finfo(torch.float32).min)  # -inf -> finite so 0 * z is 0, not NaN
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
 LOGITS_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 logits at a time
 
 
@@ -301,8 +309,6 @@ def token_logprobs(model: Any, hidden: Any, tokens: Any, temperature: float = 1.
     With a 49k-150k vocabulary those tensors, not the model, dominated a PPO step's memory."""
     import torch
     from torch.utils.checkpoint import checkpoint
-
-    from align.ppo.losses import entropy_from_logits
 
     head = lm_head(model)
 

@@ -1,4 +1,4 @@
-"""Recipe schema: one YAML file per stage run, validated strictly, with device-aware defaults resolved in one place.
+"""Recipe schema: one YAML file per stage run, validated strictly (device-aware defaults: `align.device`).
 
 Field names follow TRL/PEFT where they exist (`learning_rate`, `per_device_train_batch_size`, `r`, `lora_alpha`)
 so users' habits carry over. Paths inside a recipe are relative to the recipe file; the registry root
@@ -18,17 +18,15 @@ from align.errors import RecipeError
 from align.hashing import sha256_json
 from align.yamlio import describe_validation_error, load_yaml
 
-Stage = Literal["sft", "reward", "pairs", "dpo", "ppo", "grpo", "rloo"]
-# Sections a recipe may set for each stage (stage, name, description, model, data, output always apply).
-STAGE_SECTIONS: dict[str, set[str]] = {
-    "sft": {"lora", "train", "sft", "launch"},
-    "reward": {"lora", "train", "reward", "launch"},
-    "pairs": {"pairs", "launch"},
-    "dpo": {"lora", "train", "dpo", "launch"},
-    "ppo": {"lora", "train", "ppo", "launch"},
-    "grpo": {"lora", "train", "grpo", "launch"},
-    "rloo": {"lora", "train", "rloo", "launch"},
-}
+
+def _stage_sections() -> dict[str, frozenset[str]]:
+    """The optional sections each stage takes, from the stage registry (which imports this module's section
+    classes for its manifests, so it is read at validation time, not imported at module level)."""
+    from align.stages import STAGES
+
+    return {name: stage.sections for name, stage in STAGES.items()}
+
+
 # The loss types TRL 1.16's DPOTrainer implements (tests check this list against TRL's source).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -226,8 +224,8 @@ class PpoSection(_RlSection):
                                                       "normalisation; else a fresh adapter and a zero head")
 
 
-class GrpoSection(_RlSection):
-    """TRL's GRPOTrainer: group-relative advantages, no value model."""
+class _GroupSection(_RlSection):
+    """What TRL's critic-free trainers share: several replies per prompt, each judged against the others."""
 
     beta: float = Field(0.1, gt=0, description="KL coefficient (TRL defaults to 0; kept on here: see README)")
     num_generations: int = Field(4, ge=2, description="Replies per prompt forming one group")
@@ -236,19 +234,17 @@ class GrpoSection(_RlSection):
     mask_truncated_completions: bool = Field(
         False, description="Leave replies cut off at max_new_tokens out of the loss (TRL's option): they did not "
                            "end, so their last tokens should not be reinforced as an ending")
+
+
+class GrpoSection(_GroupSection):
+    """TRL's GRPOTrainer: group-relative advantages, no value model."""
+
     scale_rewards: Literal["group", "batch", "none"] = "group"
 
 
-class RlooSection(_RlSection):
-    """TRL's RLOOTrainer: REINFORCE with a leave-one-out baseline, no value model."""
+class RlooSection(_GroupSection):
+    """TRL's RLOOTrainer: REINFORCE with a leave-one-out baseline (each reply against the others), no value model."""
 
-    beta: float = Field(0.1, gt=0, description="KL coefficient")
-    num_generations: int = Field(4, ge=2, description="Replies per prompt; each is baselined by the others")
-    epsilon: float = Field(0.2, gt=0)
-    num_iterations: int = Field(1, gt=0)
-    mask_truncated_completions: bool = Field(
-        False, description="Leave replies cut off at max_new_tokens out of the loss (TRL's option): they did not "
-                           "end, so their last tokens should not be reinforced as an ending")
     normalize_advantages: bool = False
 
 
@@ -280,7 +276,7 @@ def _refuse_output_layer_adapters(lora: LoraSection) -> None:
 
 
 class Recipe(_Section):
-    stage: Stage
+    stage: str = Field(description="The stage this recipe runs: `align <stage> RECIPE` (see align.stages)")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Artifact name to publish under")
     description: str = ""
     model: ModelSection
@@ -299,14 +295,24 @@ class Recipe(_Section):
 
     _path: Path = PrivateAttr(default=Path("recipe.yaml"))
 
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, value: str) -> str:
+        known = _stage_sections()
+        if value not in known:
+            raise ValueError(f"unknown stage '{value}' (known: {', '.join(known)})")
+        return value
+
     @model_validator(mode="after")
     def _sections_match_stage(self) -> Recipe:
-        allowed = STAGE_SECTIONS[self.stage]
-        for section in set().union(*STAGE_SECTIONS.values()) - allowed:
+        sections = _stage_sections()
+        allowed = sections[self.stage]
+        for section in set().union(*sections.values()) - allowed:
             if section in self.model_fields_set:
                 raise ValueError(f"section '{section}' does not apply to stage '{self.stage}' "
                                  f"(it takes: {', '.join(sorted(allowed))})")
-        if self.stage in ("ppo", "grpo", "rloo") and getattr(self, self.stage) is None:
+        # A section with no defaults to fall back on (the reward of online RL) must be written out.
+        if getattr(self, self.stage) is None:
             raise ValueError(f"stage '{self.stage}' needs a '{self.stage}' section naming at least its reward "
                              f"(e.g. {self.stage}: {{reward_model: NAME@latest}})")
         if self.stage == "ppo":
@@ -329,7 +335,8 @@ class Recipe(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as data, with only the sections its stage uses (manifests, `recipe show`, hashing)."""
-        unused = set().union(*STAGE_SECTIONS.values()) - STAGE_SECTIONS[self.stage]
+        sections = _stage_sections()
+        unused = set().union(*sections.values()) - sections[self.stage]
         return self.model_dump(mode="json", by_alias=True, exclude=unused)
 
     def sha256(self) -> str:
@@ -379,40 +386,3 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     recipe._path = path.resolve()
     recipe._overrides = tuple(overrides)
     return recipe
-
-
-# ---- device-aware defaults, resolved in exactly one place --------------------------------------------------
-
-
-def detect_device() -> dict[str, Any]:
-    """What this process will train on. Imports torch, so only stage commands call it."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported()}
-    return {"type": "cpu", "name": "cpu", "bf16": False}
-
-
-def resolve_device_defaults(recipe: Recipe, device: dict[str, Any]) -> Recipe:
-    """Fill every `auto`/None that depends on the hardware, and refuse what the hardware cannot do.
-
-    TRL defaults bf16=True (raises on CPU) and activation checkpointing on (about 1.6x slower on CPU), so
-    we decide here instead: fp32 without checkpointing on CPU, bf16 (else fp16) with checkpointing on GPUs.
-    """
-    resolved = recipe.model_copy(deep=True)
-    resolved._path, resolved._overrides = recipe._path, recipe._overrides
-    train = resolved.train
-    on_gpu = device["type"] == "cuda"
-    if train.precision == "auto":
-        train.precision = ("bf16" if device["bf16"] else "fp16") if on_gpu else "fp32"
-    elif train.precision in ("bf16", "fp16") and not on_gpu:
-        raise RecipeError(
-            f"{recipe.path}: train.precision: {train.precision} needs a GPU and this machine has none; use fp32 or auto"
-        )
-    elif train.precision == "bf16" and not device["bf16"]:
-        raise RecipeError(f"{recipe.path}: train.precision: {device['name']} does not support bf16; use fp16 or auto")
-    if train.activation_checkpointing is None:
-        train.activation_checkpointing = on_gpu
-    if train.optim is None:
-        train.optim = "adamw_torch_fused" if on_gpu else "adamw_torch"
-    return resolved

@@ -1,15 +1,19 @@
 """Scoring text with a reward model, and the pairwise metrics of a reward model on preference pairs.
 
-The stage's own evaluation and `align score` both go through `score_replies`, so a reloaded reward
-artifact reproduces the scores recorded at training time.
+The reward stage's own evaluation and every reader of a reward artifact (`align.rewards`) lay text out with
+`reward_batch` and score it through `score_batches`, so a reloaded reward artifact reproduces the scores
+recorded at training time.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from align.generation import Message
+
+Item = tuple[list[Message], list[Message]]  # (prompt, reply): the messages before the reply, and the reply
 
 
 def reward_input_ids(tokenizer: Any, prompt: list[Message], reply: list[Message], chat_template: str) -> list[int]:
@@ -28,7 +32,7 @@ def over_length(tokenizer: Any, rows: list[dict[str, Any]], chat_template: str, 
                 for side in ("chosen", "rejected")) for row in rows]
 
 
-def reward_batch(tokenizer: Any, items: list[tuple[list[Message], list[Message]]], chat_template: str,
+def reward_batch(tokenizer: Any, items: list[Item], chat_template: str,
                  max_length: int | None = None) -> tuple[Any, Any]:
     """input_ids and attention_mask [B, T] of (prompt, reply) items, right-padded, so each row's last real
     token is where its score is read. Longer than `max_length`, a sequence loses its beginning: the reply,
@@ -45,24 +49,37 @@ def reward_batch(tokenizer: Any, items: list[tuple[list[Message], list[Message]]
     return input_ids, attention
 
 
-def score_replies(model: Any, tokenizer: Any, items: list[tuple[list[Message], list[Message]]], *,
-                  chat_template: str, batch_size: int = 16, max_length: int | None = None) -> list[float]:
-    """The scalar reward of each (prompt, reply), batched as `reward_batch` lays them out."""
+def score_batches(forward: Callable[[Any, Any], Any], encode: Callable[[list[Item]], tuple[Any, Any]],
+                  items: list[Item], *, device: Any, batch_size: int = 16) -> list[float]:
+    """The scalar reward of each (prompt, reply): `encode` lays out a batch (input_ids, attention_mask [B, T],
+    as `reward_batch` does) and `forward` reads its scores [B], without gradients."""
     import torch
 
-    device = next(model.parameters()).device
     scores: list[float] = []
+    for start in range(0, len(items), batch_size):
+        input_ids, attention = encode(items[start:start + batch_size])
+        with torch.no_grad():
+            scores.extend(forward(input_ids.to(device), attention.to(device)).float().tolist())
+    return scores
+
+
+def classifier_scores(model: Any) -> Callable[[Any, Any], Any]:
+    """The scores [B] of a transformers sequence classifier with one label (a reward model), per batch."""
+    return lambda input_ids, attention: model(input_ids=input_ids, attention_mask=attention).logits[:, 0]  # [B]
+
+
+def score_replies(model: Any, tokenizer: Any, items: list[Item], *, chat_template: str, batch_size: int = 16,
+                  max_length: int | None = None) -> list[float]:
+    """The scalar reward of each (prompt, reply) under a sequence classifier, batched as `reward_batch` lays
+    them out (the reward stage scores its own model in training through this, in eval mode)."""
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(items), batch_size):
-            input_ids, attention = reward_batch(tokenizer, items[start:start + batch_size], chat_template, max_length)
-            with torch.no_grad():
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # [B, 1]
-            scores.extend(logits[:, 0].float().tolist())
+        return score_batches(classifier_scores(model),
+                             lambda batch: reward_batch(tokenizer, batch, chat_template, max_length), items,
+                             device=next(model.parameters()).device, batch_size=batch_size)
     finally:
         model.train(was_training)
-    return scores
 
 
 def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:

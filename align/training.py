@@ -21,12 +21,13 @@ import yaml
 
 from align import models, runtime
 from align.artifacts import Artifact, Registry, git_state, package_versions, parent_entry
-from align.data import LoadedData, get_format, load_card, load_data
+from align.data import LoadedData, get_format, load_card, load_data, resolve_card
+from align.device import detect_device, resolve_device_defaults
 from align.errors import DataError, RecipeError, StageInterrupted
 from align.generation import to_plain_text_row
 from align.hashing import sha256_json
 from align.models import StartingPoint
-from align.recipe import Recipe, detect_device, resolve_device_defaults
+from align.recipe import Recipe
 
 
 @dataclass
@@ -47,13 +48,6 @@ class StageRun:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
-
-
-def resolve_card(recipe: Recipe, registry: Registry) -> tuple[Path, Artifact | None]:
-    """`data.card` as a card path: a file relative to the recipe, or `NAME@vN` of a pairs artifact's card."""
-    if "@" in recipe.data.card:
-        return registry.data_card(recipe.data.card)
-    return recipe.relative_path(recipe.data.card), None
 
 
 def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summary: dict[str, Any],
@@ -117,7 +111,7 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows:
     """Load data (checking it is the kind of rows the stage needs) and references before any slow import,
     then resolve device defaults, open the run directory and load tokenizer and starting model."""
     trackers(recipe.train.report_to)
-    card_path, data_parent = resolve_card(recipe, registry)
+    card_path, data_parent = resolve_card(recipe.data.card, recipe.path.parent, registry)
     card = load_card(card_path)
     kind = get_format(card.format).kind
     if kind != rows:

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.artifacts import Artifact, Registry
+from align.eval_result import EVAL_FILE, EvalResult
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny"
 EVAL_CARD = "data_cards/tiny-story-prompts.yaml"
@@ -88,17 +91,19 @@ class Runner:
 
     def __init__(self, registry: Path, logs: Path, fresh: bool) -> None:
         self.registry, self.logs, self.fresh = registry, logs, fresh
+        self.artifacts = Registry(registry)
         self.jobs: list[dict[str, Any]] = []
         path = os.environ.get("PYTHONPATH")
         # The keyword judge is `bench.objectives:...`, imported by align: the repository root must be importable.
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "PYTHONPATH": os.pathsep.join([str(REPO), *([path] if path else [])])}
 
-    def _latest(self, name: str) -> Path | None:
-        versions = sorted((self.registry / name).glob("v*/manifest.json"), key=lambda p: int(p.parent.name[1:]))
-        return versions[-1].parent if versions else None
+    def _latest(self, name: str) -> Artifact | None:
+        return self.artifacts.resolve(f"{name}@latest") if self.artifacts.versions(name) else None
 
-    def _run(self, what: str, args: list[str]) -> float:
+    def run_job(self, what: str, args: list[str]) -> float:
+        """Run `python -m align ARGS --registry REGISTRY`, logging to `<logs>/WHAT.log`; JobFailed on a non-zero exit.
+        Returns the wall seconds."""
         log = self.logs / f"{what}.log"
         cmd = [sys.executable, "-m", "align", *args, "--registry", str(self.registry)]
         print(f"[frontier] {what}: {' '.join(args)}", flush=True)
@@ -123,32 +128,30 @@ class Runner:
         overrides = [f"name={name}", *overrides]
         latest = self._latest(name)
         if latest is not None and not self.fresh:
-            manifest = json.loads((latest / "manifest.json").read_text())
-            if manifest.get("recipe_overrides") == overrides and manifest.get("recipe_path") == str(recipe):
-                ref = f"{name}@{latest.name}"
-                print(f"[frontier] {name}: reusing {ref}", flush=True)
+            manifest = latest.manifest
+            if manifest.recipe_overrides == overrides and manifest.recipe_path == str(recipe):
+                print(f"[frontier] {name}: reusing {latest.ref}", flush=True)
                 self.jobs.append({"job": name, "seconds": 0.0, "reused": True, "exit": 0})
-                return ref
-        self._run(name, [stage, str(recipe.relative_to(REPO)), *(a for o in overrides for a in ("--set", o))])
+                return latest.ref
+        self.run_job(name, [stage, str(recipe.relative_to(REPO)), *(a for o in overrides for a in ("--set", o))])
         latest = self._latest(name)
         assert latest is not None, f"{name}: the stage exited 0 but published nothing"
-        return f"{name}@{latest.name}"
+        return latest.ref
 
-    def evaluate(self, ref: str, judge: str, reward: str | None, limit: int, samples: int) -> dict[str, Any]:
+    def evaluate(self, ref: str, judge: str, reward: str | None, limit: int, samples: int) -> EvalResult:
         """`align eval REF` on the held-out story openings (the eval.json), reusing one with the same settings."""
-        name, _, version = ref.partition("@")
-        path = self.registry / name / version / "eval.json"
-        if path.is_file() and not self.fresh:
-            result = json.loads(path.read_text())
-            settings = result.get("settings") or {}
-            if (settings.get("judge"), settings.get("reward"), settings.get("limit"), settings.get("num_samples"),
-                    settings.get("card")) == (judge, reward, limit, samples, EVAL_CARD):
-                self.jobs.append({"job": f"eval-{name}", "seconds": 0.0, "reused": True, "exit": 0})
+        artifact = self.artifacts.resolve(ref)
+        result = None if self.fresh else EvalResult.of(artifact.path)
+        if result is not None:
+            settings = result.settings
+            if (settings.judge, settings.reward, settings.limit, settings.num_samples,
+                    settings.card) == (judge, reward, limit, samples, EVAL_CARD):
+                self.jobs.append({"job": f"eval-{artifact.name}", "seconds": 0.0, "reused": True, "exit": 0})
                 return result
         args = ["eval", ref, "--data", EVAL_CARD, "--judge", judge, "--limit", str(limit),
                 "--num-samples", str(samples), *(["--reward", reward] if reward else [])]
-        self._run(f"eval-{name}", args)
-        return json.loads(path.read_text())
+        self.run_job(f"eval-{artifact.name}", args)
+        return EvalResult.read(artifact.path / EVAL_FILE)
 
 
 def sweep(args: argparse.Namespace, runner: Runner) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -208,32 +211,24 @@ def sweep(args: argparse.Namespace, runner: Runner) -> tuple[list[dict[str, Any]
     return rows, used
 
 
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        data = data.get(key) if isinstance(data, dict) else None
-    return data
-
-
-def summarise(result: dict[str, Any]) -> dict[str, Any]:
-    """The frontier numbers of one eval.json (None where a field is absent)."""
-    reward_p, reward_q = _get(result, "policy", "reward"), _get(result, "parent_model", "reward")
+def summarise(result: EvalResult) -> dict[str, Any]:
+    """The frontier numbers of one eval.json (None where it measured nothing, e.g. no reward model)."""
+    policy, parent = result.policy, result.parent_model
     return {
-        "judge": _get(result, "policy", "judge"),
-        "judge_rise": result.get("judge_delta"), "judge_rise_stderr": result.get("judge_delta_stderr"),
-        "kl_per_sequence": result.get("kl"), "kl_stderr": result.get("kl_stderr"),
-        "kl_per_token": result.get("kl_per_token"),
-        "distinct_2": _get(result, "policy", "distinct_2"), "ref_nll_rise": result.get("ref_nll_rise"),
-        "reward_rise": reward_p - reward_q if reward_p is not None and reward_q is not None else None,
-        "win_rate": result.get("win_rate"), "parent": result.get("parent"),
-        "samples": result.get("samples"),
+        "judge": policy.judge,
+        "judge_rise": result.judge_delta, "judge_rise_stderr": result.judge_delta_stderr,
+        "kl_per_sequence": result.kl, "kl_stderr": result.kl_stderr, "kl_per_token": result.kl_per_token,
+        "distinct_2": policy.distinct_2, "ref_nll_rise": result.ref_nll_rise,
+        "reward_rise": policy.reward - parent.reward if policy.reward is not None and parent.reward is not None
+        else None,
+        "win_rate": result.win_rate, "parent": result.parent, "samples": result.samples,
     }
 
 
-def parent_summary(result: dict[str, Any]) -> dict[str, Any]:
-    return {"ref": result.get("parent"), "judge": _get(result, "parent_model", "judge"),
-            "judge_stderr": _get(result, "parent_model", "judge_stderr"),
-            "distinct_2": _get(result, "parent_model", "distinct_2"),
-            "reward": _get(result, "parent_model", "reward")}
+def parent_summary(result: EvalResult) -> dict[str, Any]:
+    parent = result.parent_model
+    return {"ref": result.parent, "judge": parent.judge, "judge_stderr": parent.judge_stderr,
+            "distinct_2": parent.distinct_2, "reward": parent.reward}
 
 
 def _num(value: Any, spec: str = ".3f") -> str:
@@ -342,7 +337,7 @@ def main() -> int:
     if refs and not args.no_report:
         report = out.with_name(out.stem + "-report.html")
         try:
-            runner._run("report", ["report", *refs, "--out", str(report)])
+            runner.run_job("report", ["report", *refs, "--out", str(report)])
             print(f"[frontier] report: {report}")
         except JobFailed as exc:
             print(f"[frontier] {exc}", file=sys.stderr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from align.artifacts import Registry
+from align.eval_result import EvalResult
 
 REPO = Path(__file__).resolve().parents[1]
 HELP_TARGET_S = 0.5
@@ -45,21 +47,23 @@ PPO_MEMORY_STEPS = 2
 
 def headline(registry: Path, stage: str) -> str:
     """The key metrics of the artifact a stage just published into `registry`."""
-    for manifest_path in registry.glob("*/v*/manifest.json"):
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["stage"] == stage:
-            metrics = manifest["metrics"]
-            return ", ".join(f"{key} {metrics[key]:.3g}" for key in HEADLINES[stage])
+    for artifact in Registry(registry).list():
+        if artifact.manifest.stage == stage:
+            metrics = artifact.manifest.metrics
+            return ", ".join(f"{key} {getattr(metrics, key):.3g}" for key in HEADLINES[stage])
     return "published nothing"
 
 
 def eval_headline(registry: Path, name: str) -> str:
-    report = json.loads(max(registry.glob(f"{name}/v*/eval.json")).read_text())
-    policy, parent = report["policy"], report["parent_model"]
-    kl = "–" if report.get("kl") is None else f"{report['kl']:.2f}/seq ({report['kl_per_token']:.3f}/token)"
-    return (f"judge {parent['judge']:+.3f} -> {policy['judge']:+.3f} ({report['judge_delta']:+.3f} ± "
-            f"{report['judge_delta_stderr']:.3f}), KL {kl}, ref-NLL rise {report['ref_nll_rise']:+.3f}, "
-            f"distinct-2 {policy['distinct_2']:.2f}, win rate {report['win_rate']:.2f}")
+    """The judge rise, KL and fluency guards of the eval.json `align eval` just wrote beside NAME's latest version."""
+    report = EvalResult.of(Registry(registry).resolve(f"{name}@latest").path)
+    if report is None:
+        return "wrote no eval.json"
+    policy, parent = report.policy, report.parent_model
+    kl = "–" if report.kl is None else f"{report.kl:.2f}/seq ({report.kl_per_token:.3f}/token)"
+    return (f"judge {parent.judge:+.3f} -> {policy.judge:+.3f} ({report.judge_delta:+.3f} ± "
+            f"{report.judge_delta_stderr:.3f}), KL {kl}, ref-NLL rise {report.ref_nll_rise:+.3f}, "
+            f"distinct-2 {policy.distinct_2:.2f}, win rate {report.win_rate:.2f}")
 
 
 def ppo_memory_rows(align: str, env: dict[str, str], label: str, recipe: str, registry: str) -> list[tuple[str, ...]]:
@@ -72,8 +76,7 @@ def ppo_memory_rows(align: str, env: dict[str, str], label: str, recipe: str, re
                                           "--set", f"train.max_steps={PPO_MEMORY_STEPS}", "--set", f"name={name}"], env)
         if code:
             return [(f"{label} PPO memory, ppo.models={models}", "-", "-", f"exit {code}")]
-        manifest = max(Path(registry).glob(f"{name}/v*/manifest.json"), key=lambda p: int(p.parent.name[1:]))
-        weights[models] = json.loads(manifest.read_text())["metrics"]["weights_mib"]
+        weights[models] = Registry(registry).resolve(f"{name}@latest").manifest.metrics.weights_mib
     ratio = peaks["shared"] / peaks["separate"]
     return [(f"{label} PPO peak RSS: one base + adapters / four model copies ({PPO_MEMORY_STEPS} steps)",
              f"{ratio:.2f}x", f"{peaks['shared']:.0f} / {peaks['separate']:.0f} MiB",

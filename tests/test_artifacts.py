@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from align.artifacts import (
-    REQUIRED_MANIFEST_KEYS,
     Artifact,
     Registry,
     git_state,
@@ -23,24 +22,21 @@ from align.artifacts import (
     read_manifest,
 )
 from align.errors import ArtifactError
+from align.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "v0"
+IDENTITY = ("schema_version", "name", "version", "ref", "created")
 
 
-def manifest(stage: str = "sft", parents: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
-    base = {
-        "stage": stage,
-        "base_model": {"id": "tiny-gpt2", "revision": None},
-        "parents": parents or [],
-        "data": [{"name": f"{stage}-card", "sha256": "0" * 64}],
-        "recipe": {"stage": stage},
-        "recipe_sha256": "1" * 64,
-        "seed": 0,
-        "metrics": {},
-        "packages": {},
-        "git": {"commit": None, "dirty": None},
-        "duration_s": 1.5,
-    }
+def manifest(stage: str = "sft", parents: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The fields a stage hands to `publish`: a real manifest of `stage` (written by the tiny chain before
+    manifests were typed, so read through the version-0 migration) with its data card renamed `<stage>-card`."""
+    recorded = Manifest.read(FIXTURES / f"{stage}.manifest.json").model_dump()
+    base = {key: value for key, value in recorded.items() if key not in IDENTITY}
+    base["base_model"]["spec"] = "tiny-gpt2"
+    base["data"][0]["name"] = f"{stage}-card"
+    base["parents"] = parents or []
     return {**base, **extra}
 
 
@@ -65,9 +61,9 @@ def test_publish_assigns_versions_and_fills_manifest(reg: Registry) -> None:
     assert second.adapter_path == second.path / "adapter"
     on_disk = read_manifest(second.path)
     assert on_disk == second.manifest
-    assert {"name": "sft", "version": 2, "ref": "sft@v2"}.items() <= on_disk.items()
-    assert on_disk["created"].endswith("+00:00")
-    assert set(REQUIRED_MANIFEST_KEYS) <= on_disk.keys()
+    assert (on_disk.name, on_disk.version, on_disk.ref) == ("sft", 2, "sft@v2")
+    assert on_disk.created.endswith("+00:00")
+    assert on_disk.schema_version == Manifest.SCHEMA_VERSION
     assert reg.versions("sft") == [1, 2]
     assert [a.ref for a in reg.list()] == ["sft@v1", "sft@v2"]
     assert not [p for p in (reg.root / "sft").iterdir() if p.name.startswith(".staging-")]
@@ -128,8 +124,9 @@ def test_leftover_staging_and_incomplete_dirs_are_not_versions(reg: Registry) ->
     (reg.root / "sft" / "v2").mkdir()
     assert reg.versions("sft") == [1]
     assert reg.resolve("sft@latest").version == 1
-    # The next publish must not land on the manifest-less v2.
+    # The next publish must not land on the manifest-less v2, and it cleans up the dead run's staging dir.
     assert publish(reg, "sft").version == 3
+    assert not crashed.exists()
 
 
 def test_clean_stale_removes_only_dead_owners(reg: Registry) -> None:
@@ -198,8 +195,7 @@ def test_concurrent_publishers_get_distinct_versions(reg: Registry) -> None:
     assert reg.versions("shared") == list(range(1, 9))
     pids = set()
     for art in reg.list("shared"):
-        assert set(REQUIRED_MANIFEST_KEYS) <= art.manifest.keys()
-        assert art.manifest["version"] == art.version
+        assert art.manifest.version == art.version
         pids.add((art.path / "payload").read_text())
     assert len(pids) == 8
     assert not [p for p in (reg.root / "shared").iterdir() if p.name.startswith(".staging-")]
@@ -216,8 +212,9 @@ def test_lineage_walks_parents_and_marks_missing(reg: Registry) -> None:
         parents=[parent_entry(b, "policy"), parent_entry(gone, "reference")],
     )
     shutil.rmtree(gone.path)
-    nodes = reg.lineage(c.ref)
-    assert [(n.ref, n.depth, n.role, n.missing) for n in nodes] == [
+    walk = list(reg.lineage(c.ref).walk())
+    nodes = [node for _, node in walk]
+    assert [(n.ref, depth, n.role, n.missing) for depth, n in walk] == [
         ("dpo@v1", 0, None, False),
         ("rm@v1", 1, "policy", False),
         ("sft@v1", 2, "init", False),
@@ -226,7 +223,7 @@ def test_lineage_walks_parents_and_marks_missing(reg: Registry) -> None:
     assert nodes[0].stage == "dpo" and nodes[2].stage == "sft"
     assert nodes[1].base_model == "tiny-gpt2"
     assert nodes[1].data == ("reward-card",)
-    assert nodes[0].created == c.manifest["created"]
+    assert nodes[0].created == c.manifest.created
     assert not any(n.manifest_changed for n in nodes)
 
 
@@ -236,15 +233,15 @@ def test_lineage_flags_a_ref_that_now_names_a_different_artifact(reg: Registry) 
     shutil.rmtree(a.path)
     publish(reg, "sft", seed=1)  # v1 again: same ref, different manifest
     child = publish(reg, "rm", stage="reward", parents=[entry])
-    assert reg.lineage(child.ref)[1].manifest_changed
+    assert reg.lineage(child.ref).parents[0].manifest_changed
 
 
 def test_parent_entry_records_hash(reg: Registry) -> None:
     a = publish(reg, "sft")
     entry = parent_entry(a, "init")
-    assert entry["ref"] == "sft@v1" and entry["role"] == "init" and entry["version"] == 1
-    assert entry["path"] == str(a.path)
-    assert len(entry["manifest_sha256"]) == 64
+    assert entry.ref == "sft@v1" and entry.role == "init" and entry.version == 1
+    assert entry.path == str(a.path)
+    assert len(entry.manifest_sha256) == 64
 
 
 def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:

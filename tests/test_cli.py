@@ -84,6 +84,16 @@ def test_user_errors_exit_2_with_one_message(case: str, tmp_path: Path, run_alig
     assert not list(registry.glob("*/v*")), "a failed run must not publish anything"
 
 
+@pytest.mark.parametrize("args", [["score"], ["eval", "x", "--data", "y", "--limit", "0"],
+                                  ["data", "preview", "card.yaml", "--split", "test"], ["sft"]],
+                         ids=["missing argument", "out of range", "not a choice", "no recipe"])
+def test_usage_errors_exit_2_without_a_traceback(args: list[str], run_align: Callable) -> None:
+    """Typer >= 0.29 raises its own vendored click's exceptions; they are usage errors all the same."""
+    result = run_align(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Error:" in result.stderr, result.stderr[-2000:]
+
+
 def test_hub_dataset_offline_is_reported_plainly(tmp_path: Path, run_align: Callable) -> None:
     card = tmp_path / "hub.yaml"
     card.write_text("name: hub\ndescription: d\nlicense: MIT\nsource:\n  hub: align-tests/dataset-not-cached\n"

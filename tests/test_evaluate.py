@@ -128,7 +128,7 @@ def test_reply_logprobs_reads_the_reply_tokens_only() -> None:
 
 def test_token_logprobs_in_chunks_equal_the_full_softmax_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     from align import models
-    from align.ppo.losses import entropy_from_logits
+    from align.models import entropy_from_logits
 
     torch.manual_seed(0)
     model = FixedLogits(torch.softmax(torch.randn(11, 11), dim=-1))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from align.models import entropy_from_logits
 from align.ppo.losses import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     gae,
     kl_controller,
     kl_penalty,

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from align.device import resolve_device_defaults
 from align.errors import RecipeError
-from align.recipe import load_recipe, resolve_device_defaults
+from align.recipe import load_recipe
 
 CPU = {"type": "cpu", "name": "cpu", "bf16": False}
 AMPERE = {"type": "cuda", "name": "A100", "bf16": True}

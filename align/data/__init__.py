@@ -1,5 +1,6 @@
 """Data cards, dataset readers and row converters: everything between a file on disk and canonical rows."""
 
+from align.data.card_refs import CARD_FILE, dataset_card, load_card_ref, resolve_card
 from align.data.cards import (
     DataCard,
     EvalSplit,
@@ -7,15 +8,16 @@ from align.data.cards import (
     RejectedRow,
     Source,
     card_files,
-    describe_row,
     load_card,
     load_data,
     split_eval,
-    token_length_percentiles,
 )
-from align.data.formats import FORMATS, DroppedRow, Format, Message, RowError, convert_row, get_format
+from align.data.converters import DroppedRow, Message, RowError
+from align.data.formats import FORMATS, Format, convert_row, get_format
+from align.data.preview import describe_row, token_length_percentiles
 
 __all__ = [
+    "CARD_FILE",
     "FORMATS",
     "DataCard",
     "DroppedRow",
@@ -28,10 +30,13 @@ __all__ = [
     "Source",
     "card_files",
     "convert_row",
+    "dataset_card",
     "describe_row",
     "get_format",
     "load_card",
+    "load_card_ref",
     "load_data",
+    "resolve_card",
     "split_eval",
     "token_length_percentiles",
 ]

@@ -1,19 +1,15 @@
 """Data cards: a YAML description of a dataset (source, format, license, eval split) and its loader.
 
-Loading reads local files with our own readers so every rejected row keeps its file and line,
-converts each row through the card's format, verifies file hashes and carves out a deterministic eval split.
+Loading reads local files with our own readers (`align.data.readers`) so every rejected row keeps its file and
+line, converts each row through the card's format, verifies file hashes and carves out a deterministic eval split.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import gzip
 import hashlib
-import io
-import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from align.data.formats import FORMATS, DroppedRow, RowError, convert_row, did_you_mean, get_format
+from align.data.converters import DroppedRow, RowError
+from align.data.formats import FORMATS, convert_row, did_you_mean, get_format
+from align.data.readers import RawRows, read_files
 from align.errors import DataError
 from align.hashing import canonical_json, sha256_file
 from align.yamlio import KeyPath, describe_validation_error, load_yaml
@@ -183,91 +181,6 @@ class LoadedData:
         }
 
 
-# ---------------------------------------------------------------- file readers
-# Each reader yields (location, row) or (location, RowError) so unreadable rows keep their place.
-
-RawRows = Iterator[tuple[str, Any]]
-
-
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
-
-
-def _read_jsonl(path: Path) -> RawRows:
-    with _open_binary(path) as handle:
-        for number, raw in enumerate(handle, 1):
-            location = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield location, RowError(f"not valid UTF-8: {exc.reason}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield location, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield location, RowError(f"invalid JSON: {exc.msg} (column {exc.colno})")
-
-
-def _read_json(path: Path) -> RawRows:
-    with _open_binary(path) as handle:
-        try:
-            data = json.loads(handle.read().decode("utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not valid UTF-8: {exc.reason}") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
-    for index, item in enumerate(data):
-        yield f"{path} item {index}", item
-
-
-def _read_csv(path: Path) -> RawRows:
-    with _open_binary(path) as binary, io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        try:
-            reader.fieldnames  # noqa: B018 -- reads the header so line numbers below start after it
-            start = reader.line_num + 1
-            for row in reader:
-                location = f"{path}:{start}"
-                start = reader.line_num + 1
-                if None in row:
-                    yield location, RowError(f"{len(row[None])} more value(s) than the header has columns")
-                else:
-                    yield location, row
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}:{reader.line_num}: cannot parse CSV: {exc}") from None
-
-
-def _read_parquet(path: Path) -> RawRows:
-    import pyarrow.parquet as pq  # imported here: only parquet cards pay for it
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise DataError(f"{path}: cannot read parquet: {exc}") from None
-    for index, row in enumerate(rows):
-        yield f"{path} row {index}", row
-
-
-_READERS: dict[str, Callable[[Path], RawRows]] = {
-    ".jsonl": _read_jsonl,
-    ".json": _read_json,
-    ".csv": _read_csv,
-    ".parquet": _read_parquet,
-}
-
-
-def _reader_for(path: Path, where: str) -> Callable[[Path], RawRows]:
-    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
-    reader = _READERS.get(suffixes[0] if suffixes else "")
-    if reader is None:
-        raise DataError(f"{where}: {path}: unsupported file type; use one of {', '.join(_READERS)} (optionally .gz)")
-    return reader
-
-
 def _resolve(card: DataCard, spec: str | list[str], key: str) -> list[Path]:
     """Card-relative paths and globs -> existing files, in a stable order; nothing found is a DataError."""
     where = card.where("source", key)
@@ -362,11 +275,6 @@ def _convert_all(
     return rows, rejected, dropped
 
 
-def _read_files(card: DataCard, files: list[Path]) -> Iterator[tuple[str, Any]]:
-    for path in files:
-        yield from _reader_for(path, card.where("source"))(path)
-
-
 def _eval_count(card: DataCard, n: int) -> int:
     """How many rows to hold out: exactly `size`, or round(fraction * n) with at least one when n >= 2."""
     if card.eval.size is not None:
@@ -404,12 +312,12 @@ def load_data(
         hub_files = [info]
     else:
         train_files = _resolve(card, source.path, "path")  # type: ignore[arg-type]
-        raw, hub_files = _read_files(card, train_files), []
+        raw, hub_files = read_files(card.where("source"), train_files), []
     eval_files = _resolve(card, source.eval_path, "eval_path") if source.eval_path is not None else []
     files = hub_files + _verify_hashes(card, train_files + eval_files)
 
     rows, rejected, dropped = _convert_all(card, raw)
-    eval_rows, eval_rejected, eval_dropped = _convert_all(card, _read_files(card, eval_files))
+    eval_rows, eval_rejected, eval_dropped = _convert_all(card, read_files(card.where("source"), eval_files))
     rejected += eval_rejected
     dropped += eval_dropped
     if rejected and strict:
@@ -432,40 +340,3 @@ def load_data(
     train = rows[:limit] if limit is not None else rows
     held_out = eval_rows[:eval_limit] if eval_limit is not None else eval_rows
     return LoadedData(card=card, train=train, eval=held_out, rejected=rejected, files=files, dropped=dropped)
-
-
-# ---------------------------------------------------------------- reporting helpers
-
-
-def token_length_percentiles(
-    rows: Iterable[dict], count_tokens: Callable[[dict], int], percentiles: Iterable[int] = (50, 90, 99)
-) -> dict:
-    """Nearest-rank token-length percentiles plus max, mean and count; the tokenizer comes in as a callable."""
-    lengths = sorted(count_tokens(row) for row in rows)
-    n = len(lengths)
-    out: dict[str, float | int] = {}
-    for p in percentiles:
-        out[f"p{p}"] = lengths[min(n - 1, max(0, -(-p * n // 100) - 1))] if n else 0
-    out["max"] = lengths[-1] if n else 0
-    out["mean"] = round(sum(lengths) / n, 1) if n else 0.0
-    out["count"] = n
-    return out
-
-
-def _render(messages: list[Mapping[str, str]], max_chars: int) -> list[str]:
-    lines = []
-    for message in messages:
-        text = message["content"].replace("\n", "\\n")
-        if len(text) > max_chars:
-            text = text[: max_chars - 1] + "…"
-        lines.append(f"  [{message['role']}] {text}")
-    return lines
-
-
-def describe_row(row: Mapping[str, Any], max_chars: int = 200) -> str:
-    """A compact multi-line rendering of a canonical row: the prompt, then the completion or CHOSEN / REJECTED."""
-    lines = ["prompt:", *_render(row.get("prompt", []), max_chars)]
-    for part, title in (("completion", "completion:"), ("chosen", "CHOSEN:"), ("rejected", "REJECTED:")):
-        if part in row:
-            lines += [title, *_render(row[part], max_chars)]
-    return "\n".join(lines)

@@ -124,13 +124,6 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy [B, T] of the softmax over the last dim of logits [B, T, V], computed in fp32."""
-    # H = -sum p log p = logsumexp(z) - sum softmax(z) * z
-    logits = logits.float().clamp(min=torch.finfo(torch.float32).min)  # -inf -> finite so 0 * z is 0, not NaN
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-
-
 class FixedKLController:
     """Constant KL coefficient."""
 

@@ -48,7 +48,13 @@ class Stage:
 
     @property
     def section(self) -> str:
+        """The recipe section holding this stage's own settings (a field of `align.recipe.Recipe`)."""
         return self.name
+
+    @property
+    def sections(self) -> frozenset[str]:
+        """The optional recipe sections this stage takes: its own, launch, and lora + train when it trains."""
+        return frozenset({self.section, "launch", *(("lora", "train") if self.task_type else ())})
 
     def run(self, recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
         module = importlib.import_module(f"align.stages.{self.name}")
@@ -205,35 +211,30 @@ class PpoManifest(Manifest):
         return data
 
 
-class GrpoManifest(Manifest):
+class OnlineManifest(Manifest):
+    """GRPO and RLOO: the same outputs, each with its own settings section."""
+
+    metrics: OnlineMetrics
+    adapter: AdapterInfo
+    online_reward: OnlineReward
+
+    @classmethod
+    def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        data = super().migrate(data, version)
+        if version == 0:  # version 0 wrote only the first four rollout metrics when TRL logged no reward
+            data["metrics"] = {"completion_length_last": None, "clipped_ratio_last": None,
+                               **(data.get("metrics") or {})}
+        return data
+
+
+class GrpoManifest(OnlineManifest):
     stage: Literal["grpo"]
-    metrics: OnlineMetrics
-    adapter: AdapterInfo
     grpo: GrpoSection
-    online_reward: OnlineReward
-
-    @classmethod
-    def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        return _online_v0(super().migrate(data, version), version)
 
 
-def _online_v0(data: dict[str, Any], version: int) -> dict[str, Any]:
-    """Version 0 of grpo/rloo wrote only the first four rollout metrics when TRL logged no reward."""
-    if version == 0:
-        data["metrics"] = {"completion_length_last": None, "clipped_ratio_last": None, **(data.get("metrics") or {})}
-    return data
-
-
-class RlooManifest(Manifest):
+class RlooManifest(OnlineManifest):
     stage: Literal["rloo"]
-    metrics: OnlineMetrics
-    adapter: AdapterInfo
     rloo: RlooSection
-    online_reward: OnlineReward
-
-    @classmethod
-    def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        return _online_v0(super().migrate(data, version), version)
 
 
 class PairsManifest(Manifest):

@@ -23,12 +23,12 @@ import yaml
 
 from align import generation, judges, models, runtime, training
 from align.artifacts import Artifact, Registry
-from align.data import load_card, load_data
+from align.data import CARD_FILE, load_card, load_data, resolve_card
+from align.device import detect_device, resolve_device_defaults
 from align.errors import DataError
+from align.generation import Message
 from align.hashing import sha256_file
-from align.recipe import PairsSection, Recipe, detect_device, resolve_device_defaults
-
-Message = dict[str, str]
+from align.recipe import PairsSection, Recipe
 
 
 def select_pairs(prompt: list[Message], replies: list[str], scores: list[float], settings: PairsSection,
@@ -114,7 +114,7 @@ def _card_text(recipe: Recipe, policy: str) -> str:
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Sample, judge, select and publish a pairs dataset. Returns the artifact on the main process."""
-    card_path, data_parent = training.resolve_card(recipe, registry)
+    card_path, data_parent = resolve_card(recipe.data.card, recipe.path.parent, registry)
     data = load_data(load_card(card_path), limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
     start = models.resolve_starting_point(recipe, registry)
     judge, judge_artifact = judges.load_judge(recipe.pairs.judge, registry)
@@ -177,7 +177,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
                     handle.write(json.dumps({"split": split, **item}, ensure_ascii=False) + "\n")
         card = yaml.safe_load(_card_text(recipe, policy))
         card["sha256"] = {name: sha256_file(staging / name) for name in ("train.jsonl", "eval.jsonl")}
-        (staging / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
+        (staging / CARD_FILE).write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
 
     settings = {"policy": policy, "judge": recipe.pairs.judge, **recipe.pairs.model_dump()}
     extra = [(judge_artifact, "judge")] if judge_artifact else []
