@@ -232,10 +232,11 @@ def eval_(
     settings = EvalSettings(card=data, split=split.value, limit=limit, num_samples=num_samples,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             batch_size=batch_size, judge=judge, reward=reward)
-    result = evaluate_artifact(reg.resolve(ref), reg, settings, card.path).model_dump()
+    artifact = reg.resolve(ref)
+    result = evaluate_artifact(artifact, reg, settings, card.path)
     _console().print(_eval_table(result))
     _console().print(_examples_table(result))
-    _console().print(f"saved {reg.resolve(ref).path / 'eval.json'}")
+    _console().print(f"saved {artifact.path / 'eval.json'}", markup=False)
 
 
 @app.command()
@@ -245,95 +246,63 @@ def compare(
     registry: RegistryOpt = None,
 ) -> None:
     """One table of policies and their common parent from their eval.json: judge, reward, KL, length, fluency."""
-    import json
-
     from rich.table import Table
 
-    from align.eval_result import EvalResult
+    from align.eval_result import EVAL_FILE, EvalResult
+    from align.report.comparison import COMPARISON_HEADERS, comparison_rows
 
     reg = _registry(registry)
-    results = []
-    for ref in refs:
-        artifact = reg.resolve(ref)
-        path = artifact.path / "eval.json"
-        if not path.is_file():
-            raise AlignError(f"{artifact.ref} has no eval.json; run `align eval {artifact.ref} --data CARD` first")
-        results.append(EvalResult.read(path).model_dump())
-    first = results[0]
-    table = Table(title=f"{first['prompts']} held-out prompts x {first['settings']['num_samples']} samples, judge "
-                        f"{first['settings']['judge']}, seed {first['settings']['seed']}")
-    for column in ("model", "judge", "reward", "KL to parent", "length", "distinct-2", "ref NLL/token"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-
-    def row(name: str, side: dict[str, Any], kl: str) -> None:
-        reward = f"{side['reward']:+.3f} ± {side['reward_stderr']:.3f}" if side["reward"] is not None else "-"
-        table.add_row(name, f"{side['judge']:+.3f} ± {side['judge_stderr']:.3f}", reward, kl,
-                      f"{side['length_tokens']:.1f}", f"{side['distinct_2']:.3f}", f"{side['ref_nll_per_token']:.3f}")
-
-    parents = {result["parent"] for result in results}
-    for parent in sorted(parents):
-        side = next(r["parent_model"] for r in results if r["parent"] == parent)
-        row(f"{parent} (parent)", side, "0")
-    for result in results:
-        row(result["artifact"], result["policy"], _pm(result.get("kl"), result.get("kl_stderr"), "{:.3f}"))
+    evals = []
+    for artifact in map(reg.resolve, refs):
+        result = EvalResult.of(artifact.path)
+        if result is None:
+            raise AlignError(f"{artifact.ref} has no {EVAL_FILE}; run `align eval {artifact.ref} --data CARD` first")
+        evals.append((artifact, result))
+    # One column per model (the report's rows turned on their side), so the table fits a terminal.
+    rows = comparison_rows(evals)
+    table = Table(title="evaluations against their parents (± standard errors clustered by prompt)")
+    table.add_column(COMPARISON_HEADERS[0])
+    for row in rows:
+        table.add_column(escape(row.model + (" (parent)" if row.is_parent else "")), justify="right",
+                         style="dim" if row.is_parent else None)
+    for index, header in enumerate(COMPARISON_HEADERS[1:], start=1):
+        table.add_row(header, *(escape(row.cells[index]) for row in rows))
     _console().print(table)
-    for result in results:
-        if result.get("kl_note"):
-            _console().print(f"{result['artifact']}: KL {result['kl_note']}")
-    settings = {json.dumps({k: v for k, v in r["settings"].items() if k != "reward"}, sort_keys=True)
-                for r in results}
-    if len(parents) > 1 or len(settings) > 1:
+    for artifact, result in evals:
+        if result.kl_note:
+            _console().print(f"{artifact.ref}: KL {result.kl_note}", markup=False)
+    settings = {result.settings.model_copy(update={"reward": None}) for _, result in evals}
+    if len({result.parent for _, result in evals}) > 1 or len(settings) > 1:
         _console().print("[yellow]note: these evaluations differ in parent or settings; compare with care[/yellow]")
 
 
-def _examples_table(result: dict[str, Any]) -> Any:
+def _examples_table(result: Any) -> Any:
     from rich.table import Table
 
     table = Table(title="samples (first sample of the first prompts)", show_lines=True)
     for column in ("prompt", "parent", "artifact"):
         table.add_column(column, overflow="fold")
-    for example in result["examples"][:4]:
-        table.add_row(example["prompt"], f"{example['parent']}  [{example['judge_parent']:+.2f}]",
-                      f"{example['artifact']}  [{example['judge_artifact']:+.2f}]")
+    for example in result.examples[:4]:
+        table.add_row(escape(example.prompt), escape(f"{example.parent}  [{example.judge_parent:+.2f}]"),
+                      escape(f"{example.artifact}  [{example.judge_artifact:+.2f}]"))
     return table
 
 
-def _pm(value: float | None, stderr: float | None, spec: str) -> str:
-    """`value ± stderr` in format `spec`; '–' when the value was not measured (null in eval.json, e.g. the KL of
-    greedy decoding); the value alone when it has no stderr (eval.json from before stderrs were recorded)."""
-    if value is None:
-        return "–"
-    return f"{spec.format(value)} ± {stderr:.3f}" if stderr is not None else spec.format(value)
-
-
-def _eval_table(result: dict[str, Any]) -> Any:
+def _eval_table(result: Any) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{result['artifact']} vs its parent {result['parent']}: {result['prompts']} prompts x "
-                        f"{result['settings']['num_samples']} samples (seed {result['settings']['seed']}, temperature "
-                        f"{result['settings'].get('temperature', 1.0)}); ± is a standard error clustered by prompt")
+    from align.report.comparison import eval_summary_rows
+
+    settings = result.settings
+    table = Table(title=f"{result.artifact} vs its parent {result.parent}: {result.prompts} prompts x "
+                        f"{settings.num_samples} samples (seed {settings.seed}, temperature {settings.temperature}); "
+                        "± is a standard error clustered by prompt")
     for column in ("metric", "parent", "artifact", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    policy, parent = result["policy"], result["parent_model"]
-    judge = result["settings"]["judge"]
-    table.add_row(f"judge ({judge})", f"{parent['judge']:+.3f} ± {parent['judge_stderr']:.3f}",
-                  f"{policy['judge']:+.3f} ± {policy['judge_stderr']:.3f}",
-                  f"{result['judge_delta']:+.3f} ± {result['judge_delta_stderr']:.3f}")
-    if policy["reward"] is not None:
-        table.add_row("reward", f"{parent['reward']:+.3f} ± {parent['reward_stderr']:.3f}",
-                      f"{policy['reward']:+.3f} ± {policy['reward_stderr']:.3f}",
-                      _pm(policy["reward"] - parent["reward"], result.get("reward_delta_stderr"), "{:+.3f}"))
-    # KL at the sampling temperature; null (shown '–', with the reason) when greedy or top_p < 1 sampled.
-    table.add_row("KL to parent (nats/seq)", "0", _pm(result.get("kl"), result.get("kl_stderr"), "{:.3f}"), "")
-    if result.get("kl_note"):
-        table.caption = f"KL {result['kl_note']}"
-    if "kl_per_token" in result:
-        table.add_row("KL to parent (nats/token)", "0", _pm(result["kl_per_token"], None, "{:.4f}"), "")
-    table.add_row(f"win rate ({result['win_rate_by']})", "",
-                  _pm(result["win_rate"], result.get("win_rate_stderr"), "{:.3f}"), "")
-    for key, label in (("length_tokens", "length (tokens)"), ("distinct_2", "distinct-2"),
-                       ("ref_nll_per_token", "reference NLL / token")):
-        table.add_row(label, f"{parent[key]:.3f}", f"{policy[key]:.3f}", f"{policy[key] - parent[key]:+.3f}")
+    for row in eval_summary_rows(result):
+        table.add_row(escape(row.metric), row.parent, row.artifact, row.change)
+    if result.kl_note:
+        table.caption = escape(f"KL {result.kl_note}")
     return table
 
 
@@ -411,24 +380,10 @@ def recipe_deps(
     """Print a Makefile rule: TARGET depends on the recipe, its data card and the card's files (as `gcc -MD`
     does for headers), so `make pipeline` re-runs a stage when one of them changes. Artifact references
     (`from: NAME@latest`, `card: NAME@vN`) are upstream stages, which the Makefile orders itself."""
-    from align.data import card_files, load_card
-    from align.models import resolve_base
+    from align.dependencies import make_rule, recipe_inputs
     from align.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides or [])
-    files = [recipe.path]
-    if "@" not in recipe.data.card:
-        card = load_card(recipe.relative_path(recipe.data.card))
-        files += [card.path, *card_files(card)]
-    if recipe.model.base is not None:
-        base = resolve_base(recipe.model.base, recipe.path.parent, recipe.model.revision)
-        if base.kind != "hub":
-            root = Path(base.location)
-            files += [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
-    names = [os.path.relpath(path) if str(path).startswith(os.getcwd()) else str(path) for path in files]
-    typer.echo(f"{target}: {' '.join(names)}")
-    for name in names:  # a deleted prerequisite then re-runs the stage instead of stopping make
-        typer.echo(f"{name}:")
+    typer.echo(make_rule(target, recipe_inputs(load_recipe(recipe_path, overrides or []))))
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -558,10 +513,10 @@ def artifacts_lineage(
 
 def _lineage_label(node: Any) -> str:
     if node.missing:
-        return f"{node.ref} (missing)"
+        return escape(f"{node.ref} (missing)")
     role = f"{node.role}: " if node.role else ""
     data = f" data={','.join(node.data)}" if node.data else ""
-    return f"{role}{node.ref} [{node.stage}] base={node.base_model}{data}"
+    return escape(f"{role}{node.ref} [{node.stage}] base={node.base_model}{data}")  # "[sft]" is not markup
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from align.online_rewards import RewardSpec, reward_function
+from align.rewards import RewardSpec, reward_function
 
 TINY_GRPO = REPO / "recipes" / "tiny" / "grpo.yaml"
 TINY_RLOO = REPO / "recipes" / "tiny" / "rloo.yaml"

@@ -44,6 +44,7 @@ def test_shared_roles_match_the_artifacts(reward_artifact: Path, sft_registry: P
     from align.ppo.roles import build_roles
     from align.ppo.rollout import layout
     from align.recipe import load_recipe
+    from align.rewards import RewardModel
 
     registry = Registry(sft_registry)
     recipe = load_recipe(PPO)
@@ -51,8 +52,8 @@ def test_shared_roles_match_the_artifacts(reward_artifact: Path, sft_registry: P
     tokenizer = models.load_tokenizer(start.base, "none", saved_in=start.parent.path)
     reward = registry.resolve("tiny-rm@latest")
     torch.manual_seed(0)
-    roles = build_roles(recipe, registry, start, models.load_starting_model(start, registry), tokenizer, reward,
-                        torch.float32)
+    roles = build_roles(recipe, registry, start, models.load_starting_model(start, registry),
+                        RewardModel.of(reward, "ppo.reward_model"), torch.float32)
     prompts = [[{"role": "user", "content": "Once upon a time, a little dog"}]] * 3
     replies = [" was very happy and played with his friends.", " was sad and cried all day.", " saw a tree."]
     scorer, score_tokenizer = models.load_reward_model(reward, registry)
@@ -216,10 +217,11 @@ def test_a_whole_reward_model_directory_works_with_separate_models(reward_artifa
 
 
 def test_sequence_reward_combines_normalised_score_judge_and_eos_penalty() -> None:
-    from align.online_rewards import combine
+    from align.manifest import Normalisation
+    from align.rewards import combine
 
     # (2 - 1) / 2 + 0.5 * 0.8 = 0.9; (0 - 1) / 2 + 0.5 * -0.2 - 1 (no EOS) = -1.6
-    got = combine([2.0, 0.0], {"mean": 1.0, "std": 2.0}, [0.8, -0.2], 0.5, [True, False], 1.0)
+    got = combine([2.0, 0.0], Normalisation(mean=1.0, std=2.0), [0.8, -0.2], 0.5, [True, False], 1.0)
     assert got == pytest.approx([0.9, -1.6])
     assert combine(None, None, [0.3], 2.0, [False], None) == pytest.approx([0.6])  # judge only, no penalty set
     assert combine([3.0], None, None, 1.0, [True], 1.0) == pytest.approx([3.0])  # raw score without statistics

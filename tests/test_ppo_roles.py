@@ -27,6 +27,7 @@ def build(registry_root: Path, overrides: list[str]) -> Any:
     from align.artifacts import Registry
     from align.ppo.roles import build_roles
     from align.recipe import load_recipe
+    from align.rewards import RewardModel
 
     registry = Registry(registry_root)
     recipe = load_recipe(PPO, overrides)
@@ -35,8 +36,8 @@ def build(registry_root: Path, overrides: list[str]) -> Any:
                                       saved_in=start.parent.path if start.parent else None)
     reward = registry.resolve(recipe.ppo.reward_model)
     torch.manual_seed(0)
-    return build_roles(recipe, registry, start, models.load_starting_model(start, registry), tokenizer, reward,
-                       torch.float32), tokenizer, reward
+    return build_roles(recipe, registry, start, models.load_starting_model(start, registry),
+                       RewardModel.of(reward, "ppo.reward_model"), torch.float32), tokenizer, reward
 
 
 def value_where_reward_reads(roles: Any) -> list[float]:
@@ -44,11 +45,8 @@ def value_where_reward_reads(roles: Any) -> list[float]:
     REPLIES formatted as the reward model formats them."""
     import torch
 
-    from align import scoring
-
     items = [(p, [{"role": "assistant", "content": r}]) for p, r in zip(PROMPTS, REPLIES, strict=True)]
-    ids, attention = scoring.reward_batch(roles.reward_tokenizer, items, roles.reward_chat_template,
-                                          roles.reward_max_length)
+    ids, attention = roles.reward_scorer.reward.encode(items)
     critic = roles.actor_critic
     with torch.no_grad():
         hidden = critic.hidden("value", ids, attention, (attention.cumsum(1) - 1).clamp(min=0))  # [B, T, H]
@@ -62,10 +60,10 @@ def test_value_starts_as_the_normalised_reward(layout: str, reward_artifact: Pat
     import torch
 
     roles, _, reward = build(sft_registry, [f"ppo.models={layout}"])
-    stats = reward.manifest["adapter"]["normalisation"]
+    stats = reward.manifest.adapter.normalisation
     with torch.no_grad():
         raw = roles.reward_scores(PROMPTS, REPLIES, batch_size=4)
-    normalised = [(s - stats["mean"]) / stats["std"] for s in raw]
+    normalised = [(s - stats.mean) / stats.std for s in raw]
     assert value_where_reward_reads(roles) == pytest.approx(normalised, abs=1e-4)
     assert roles.actor_critic.value_head.bias.requires_grad
 
@@ -110,7 +108,7 @@ def test_separate_value_model_starts_from_the_rewards_own_chain(reward_artifact:
     with torch.no_grad():
         raw = roles.reward_scores(PROMPTS, REPLIES, batch_size=4)
     stats = roles.normalisation
-    assert value_where_reward_reads(roles) == pytest.approx([(s - stats["mean"]) / stats["std"] for s in raw],
+    assert value_where_reward_reads(roles) == pytest.approx([(s - stats.mean) / stats.std for s in raw],
                                                             abs=1e-4)
 
 
@@ -142,6 +140,6 @@ def test_reward_reads_text_its_own_way_in_both_layouts(reward_artifact: Path, sf
     scorer, score_tokenizer = models.load_reward_model(registry.resolve("rm-chat@v1"), registry)
     items = [(p, [{"role": "assistant", "content": r}]) for p, r in zip(PROMPTS, REPLIES, strict=True)]
     expected = scoring.score_replies(scorer, score_tokenizer, items, chat_template="auto",
-                                     max_length=reward.manifest["recipe"]["train"]["max_length"])
+                                     max_length=reward.manifest.recipe["train"]["max_length"])
     assert scores[0] == pytest.approx(expected, abs=1e-5)
     assert scores[1] == pytest.approx(expected, abs=1e-5)

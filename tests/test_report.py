@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import html
 import json
 import re
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -13,9 +13,16 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from markupsafe import escape  # the template engine's escaping: ' is &#39;, not html.escape's &#x27;
 
-from align.artifacts import Registry
-from align.report import curve_group, curve_series, find_chromium, group_curves, plot_curves, render_samples
+from align.artifacts import Artifact, Registry
+from align.eval_result import EvalExample, EvalResult, EvalSettings, EvalSide
+from align.recipe import DpoSection, GrpoSection, PpoSection
+from align.report.extract import curve_group, curve_series, frontier_series, group_curves
+from align.report.html import render_samples
+from align.report.plots import plot_curves, plot_frontier
+from align.stages import STAGES
+from bench.report_screenshot import find_chromium, screenshot
 from tests.conftest import REPO
 
 STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"
@@ -126,8 +133,8 @@ def test_report_names_every_artifact_its_lineage_cards_and_samples(full_report: 
     latest = [registry.resolve(name) for name in registry.names()]
     for artifact in latest:
         assert f'id="artifact-{artifact.name}-v{artifact.version}"' in text, artifact.ref
-        for card in artifact.manifest["data"]:
-            assert html.escape(card["name"]) in text
+        for card in artifact.manifest.data:
+            assert escape(card.name) in text
     lineage = text[text.index('id="lineage"'):text.index('id="artifacts"')]
     # tiny-dpo's chain in the accessible list: tiny-dpo -> model tiny-sft@v2, data tiny-pairs@v1 -> tiny-sft@v2.
     assert re.search(r"<li><code>tiny-dpo@v1</code> \[dpo\].*<ul><li><span class=\"role\">model:</span> "
@@ -135,7 +142,7 @@ def test_report_names_every_artifact_its_lineage_cards_and_samples(full_report: 
     assert "<code>tiny-pairs@v1</code> [pairs]" in lineage and "stories260K</code>" in lineage  # text, not the PNG
     result = json.loads((evaluated_registry / "tiny-dpo" / "v1" / "eval.json").read_text())
     for example in result["examples"][:3]:
-        assert html.escape(example["artifact"]) in text and html.escape(example["parent"]) in text
+        assert escape(example["artifact"]) in text and escape(example["parent"]) in text
     comparison = text[text.index('id="comparison"'):text.index('id="samples"')]
     assert f"{result['policy']['judge']:.3f} ± {result['policy']['judge_stderr']:.3f}" in comparison
     assert f"{result['kl']:.3f}" in comparison and "tiny-rm@v1" not in comparison  # only policies are compared
@@ -162,6 +169,22 @@ def test_unknown_ref_exits_2(evaluated_registry: Path, run_align: Callable, tmp_
     assert "tiny-dpo@v9 does not exist" in result.stderr and not out.exists()
 
 
+@pytest.mark.slow
+def test_a_damaged_eval_json_is_an_error_naming_the_file_and_field(evaluated_registry: Path, run_align: Callable,
+                                                                   tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    shutil.copytree(evaluated_registry / "tiny-dpo", registry / "tiny-dpo", ignore=shutil.ignore_patterns(".*"))
+    damaged = registry / "tiny-dpo" / "v1" / "eval.json"
+    result = json.loads(damaged.read_text())
+    del result["judge_delta"]
+    damaged.write_text(json.dumps(result))
+    out = tmp_path / "r.html"
+    result = run_align("report", "--registry", registry, "--out", out)
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+    assert f"{damaged}: field judge_delta" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_empty_registry_and_unwritable_out_are_clear_errors(run_align: Callable, tmp_path: Path) -> None:
     result = run_align("report", "--registry", tmp_path / "empty", "--out", tmp_path / "r.html")
     assert result.returncode == 2 and "has no artifacts yet" in result.stderr, result.stderr
@@ -177,12 +200,11 @@ def test_empty_registry_and_unwritable_out_are_clear_errors(run_align: Callable,
 
 def test_samples_are_html_escaped() -> None:
     evil = "<script>alert('x')</script> & \"quotes\""
-    result = {"parent": "tiny-sft@v2", "examples": [
-        {"prompt": evil, "parent": "<b>bold</b>", "artifact": "</td></tr><img src=x onerror=alert(1)>",
-         "judge_parent": 0.25, "judge_artifact": 0.5}]}
-    rendered = render_samples("tiny-<dpo>@v1", result)
+    example = EvalExample(prompt=evil, parent="<b>bold</b>", artifact="</td></tr><img src=x onerror=alert(1)>",
+                          judge_parent=0.25, judge_artifact=0.5)
+    rendered = render_samples("tiny-<dpo>@v1", _result("vader", 1.0, 0.2).model_copy(update={"examples": [example]}))
     assert "<script>" not in rendered and "<b>" not in rendered and "<img" not in rendered and "<dpo>" not in rendered
-    assert html.escape(evil) in rendered and "&lt;img src=x onerror=alert(1)&gt;" in rendered
+    assert escape(evil) in rendered and "&lt;img src=x onerror=alert(1)&gt;" in rendered
     page = parse_page(rendered)
     assert [t for t, _ in page.tags].count("tr") == 2  # header + one example: the injected </tr> did not split it
     assert "judge +0.500" in rendered and "judge +0.250" in rendered
@@ -219,56 +241,62 @@ def test_any_numeric_log_key_is_plotted_in_a_sensible_panel() -> None:
 def test_chromium_renders_the_report(full_report: Path, tmp_path: Path) -> None:
     if not Path("/usr/bin/chromium").exists() and find_chromium() is None:
         pytest.skip("no Chromium (/usr/bin/chromium) to render the report headless")
-    from align.report import screenshot
-
     png = screenshot(full_report, tmp_path / "report.png", width=1280, height=3000).read_bytes()
     assert png_size(png) == (1280, 3000)
     assert len(png) > 50_000  # plots and tables, not a blank page
 
 
-def _evaluated(tmp_path: Path, name: str, stage: str, coefficient: dict, result: dict) -> tuple:
-    """A hand-written policy artifact (manifest only) with an eval.json, read back as `align report` reads it."""
-    from align.artifacts import Artifact
-    from align.report import load_eval
-
+def _evaluated(tmp_path: Path, name: str, stage: str, section: object, result: EvalResult) -> tuple:
+    """A policy artifact (its stage's manifest with the stage's settings) with an eval.json, read back as
+    `align report` reads it."""
     path = tmp_path / name / "v1"
     path.mkdir(parents=True)
-    (path / "eval.json").write_text(json.dumps({"parent": "tiny-sft@v2", **result}))
-    artifact = Artifact(name=name, version=1, path=path, manifest={"stage": stage, "recipe": {stage: coefficient}})
-    loaded = load_eval(artifact)
+    result.model_copy(update={"artifact": f"{name}@v1"}).write(path / "eval.json")
+    settings = {stage: section} if section is not None else {}
+    manifest = STAGES[stage].manifest.model_construct(name=name, version=1, stage=stage, **settings)
+    loaded = EvalResult.of(path)
     assert loaded is not None
-    return artifact, loaded
+    return Artifact(name=name, version=1, path=path, manifest=manifest), loaded
 
 
-def _result(judge: str, kl: float | None, rise: float, reward: tuple[float, float] | None = None) -> dict:
-    policy = {"judge": 0.3 + rise, "judge_stderr": 0.02, "distinct_2": 0.6}
-    parent = {"judge": 0.3, "judge_stderr": 0.02, "distinct_2": 0.6}
-    if reward:
-        policy.update(reward=reward[0], reward_stderr=0.03)
-        parent.update(reward=reward[1], reward_stderr=0.04)
-    return {"settings": {"judge": judge, "reward": "tiny-rm@v1" if reward else None}, "policy": policy,
-            "parent_model": parent, "judge_delta": rise, "judge_delta_stderr": 0.01, "kl": kl, "kl_stderr": 0.5}
+def _result(judge: str, kl: float | None, rise: float, reward: tuple[float, float] | None = None) -> EvalResult:
+    """A complete eval.json: the policy `rise` above its parent's judge score 0.3, with reward scores (policy,
+    parent) when a reward model was given; KL null as after greedy decoding when `kl` is None."""
+    def side(judge_score: float, reward_score: float | None, reward_stderr: float) -> EvalSide:
+        return EvalSide(judge=judge_score, judge_stderr=0.02, length_tokens=30.0, distinct_2=0.6,
+                        ref_nll_per_token=2.5, truncated_share=0.1, reward=reward_score,
+                        reward_stderr=None if reward_score is None else reward_stderr)
+
+    policy_reward, parent_reward = reward or (None, None)
+    return EvalResult(
+        schema_version=EvalResult.SCHEMA_VERSION, artifact="policy@v1", parent="tiny-sft@v2",
+        settings=EvalSettings(card="tiny-story-prompts", judge=judge, reward="tiny-rm@v1" if reward else None),
+        prompts=64, samples=256, policy=side(0.3 + rise, policy_reward, 0.03),
+        parent_model=side(0.3, parent_reward, 0.04), judge_delta=rise, judge_delta_stderr=0.01,
+        reward_delta=None if reward is None else reward[0] - reward[1],
+        reward_delta_stderr=None, kl=kl, kl_stderr=None if kl is None else 0.5,
+        kl_per_token=None if kl is None else kl / 30, kl_note="not measured: greedy decoding" if kl is None else None,
+        ref_nll_rise=0.1, win_rate=0.5, win_rate_stderr=0.05, win_rate_by=judge, examples=[])
 
 
 def test_frontier_groups_points_per_judge_and_per_stage_in_kl_order(tmp_path: Path) -> None:
-    from align.report import frontier_series, plot_frontier
-
     keyword = "bench.objectives:keyword_count"
     evals = [
-        _evaluated(tmp_path, "dpo-a", "dpo", {"beta": 0.1}, _result("vader", 5.0, 0.4)),
-        _evaluated(tmp_path, "ppo-a", "ppo", {"kl_coef": 0.1}, _result("vader", 3.0, 0.3, reward=(1.5, 0.5))),
-        _evaluated(tmp_path, "dpo-b", "dpo", {"beta": 0.3}, _result("vader", 2.0, 0.2)),
-        _evaluated(tmp_path, "grpo-a", "grpo", {"beta": 0.03}, _result(keyword, 8.0, 1.1)),
-        _evaluated(tmp_path, "grpo-b", "grpo", {"beta": 0.1}, _result(keyword, 4.0, 0.6)),
-        _evaluated(tmp_path, "ppo-greedy", "ppo", {"kl_coef": 0.3}, _result(keyword, None, 0.5)),  # no KL: skipped
+        _evaluated(tmp_path, "dpo-a", "dpo", DpoSection(beta=0.1), _result("vader", 5.0, 0.4)),
+        _evaluated(tmp_path, "ppo-a", "ppo", PpoSection(kl_coef=0.1, reward_model="tiny-rm@v1"),
+                   _result("vader", 3.0, 0.3, reward=(1.5, 0.5))),
+        _evaluated(tmp_path, "dpo-b", "dpo", DpoSection(beta=0.3), _result("vader", 2.0, 0.2)),
+        _evaluated(tmp_path, "grpo-a", "grpo", GrpoSection(beta=0.03, reward_function=keyword),
+                   _result(keyword, 8.0, 1.1)),
+        _evaluated(tmp_path, "grpo-b", "grpo", GrpoSection(beta=0.1, reward_function=keyword),
+                   _result(keyword, 4.0, 0.6)),
+        _evaluated(tmp_path, "ppo-greedy", "ppo", PpoSection(kl_coef=0.3, reward_model="tiny-rm@v1"),
+                   _result(keyword, None, 0.5)),  # no KL: skipped
+        _evaluated(tmp_path, "sft-b", "sft", None, _result("reward:tiny-rm@v1", 1.0, 0.15)),  # no coefficient
     ]
-    old = _result("vader", 1.0, 0.0)  # an older eval.json: no judge name in settings, no judge_delta
-    del old["settings"], old["judge_delta"], old["judge_delta_stderr"]
-    old["policy"]["judge"] = 0.45
-    evals.append(_evaluated(tmp_path, "sft-old", "sft", {}, old))
 
     panels = frontier_series(evals)
-    assert list(panels) == ["judge ?", f"judge {keyword}", "judge vader", "reward model tiny-rm@v1"]
+    assert list(panels) == [f"judge {keyword}", "judge reward:tiny-rm@v1", "judge vader", "reward model tiny-rm@v1"]
     vader = panels["judge vader"]
     assert list(vader) == ["dpo", "ppo"]  # stages in a fixed order, one line each
     assert [p.ref for p in vader["dpo"]] == ["dpo-b@v1", "dpo-a@v1"]  # joined in KL order, not eval order
@@ -277,11 +305,11 @@ def test_frontier_groups_points_per_judge_and_per_stage_in_kl_order(tmp_path: Pa
     assert vader["ppo"][0].label == "kl_coef=0.1" and vader["ppo"][0].parent_score == 0.3
     assert [p.ref for p in panels[f"judge {keyword}"]["grpo"]] == ["grpo-b@v1", "grpo-a@v1"]
     assert "ppo" not in panels[f"judge {keyword}"]  # kl null: not on the frontier
-    (old_point,) = panels["judge ?"]["sft"]
-    assert old_point.rise == pytest.approx(0.15) and old_point.rise_stderr is None and old_point.label == "sft-old@v1"
+    (sft_point,) = panels["judge reward:tiny-rm@v1"]["sft"]
+    assert sft_point.rise == pytest.approx(0.15) and sft_point.rise_stderr == 0.01 and sft_point.label == "sft-b@v1"
     (reward_point,) = panels["reward model tiny-rm@v1"]["ppo"]
     assert reward_point.rise == 1.0 and reward_point.rise_stderr == pytest.approx(0.05)  # 0.03, 0.04 in quadrature
 
-    width, height = png_size(plot_frontier(evals))
+    width, height = png_size(plot_frontier(panels))
     assert width > 1200 and height > 600  # 4 panels: 3 columns x 2 rows
-    assert png_size(plot_frontier([evals[5]]))[0] > 300  # nothing to place: still an image, saying so
+    assert png_size(plot_frontier(frontier_series([evals[5]])))[0] > 300  # nothing to place: still an image, saying so

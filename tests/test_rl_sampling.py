@@ -81,7 +81,7 @@ def test_replies_end_at_every_stop_id(stories_dir: Path) -> None:
     """generation_config.eos_token_id is a list for many models: a reply ends at any of its ids, with no padding
     after it, it counts as ended, and the online reward does not charge the missing-EOS penalty."""
     from align.generation import generate_samples, stop_token_ids
-    from align.online_rewards import RewardSpec, reward_function
+    from align.rewards import RewardSpec, reward_function
 
     model, tokenizer = _stories(stories_dir)
     model.generation_config.eos_token_id = [2, PERIOD]
@@ -123,14 +123,15 @@ def test_rl_refuses_what_would_score_another_policy(stage: str, override: str, r
 def test_reward_normalisation_is_one_rule() -> None:
     """ppo, grpo and rloo: normalise with the recorded mean/std; none recorded or a std of 0 is an error."""
     from align.errors import ArtifactError
-    from align.online_rewards import combine, reward_normalisation
+    from align.manifest import Normalisation
+    from align.rewards import combine, reward_normalisation
 
-    assert reward_normalisation({"mean": 1, "std": 2}, "rm@v1", "ppo") == {"mean": 1.0, "std": 2.0}
-    for bad, message in ((None, "records no score mean/std"), ({"mean": 0.0, "std": 0.0}, "std of 0.0"),
-                         ({"mean": 0.0, "std": float("nan")}, "std of nan")):
+    assert reward_normalisation(Normalisation(mean=1, std=2), "rm@v1", "ppo") == Normalisation(mean=1.0, std=2.0)
+    for bad, message in ((None, "records no score mean/std"), (Normalisation(mean=0.0, std=0.0), "std of 0.0"),
+                         (Normalisation(mean=0.0, std=float("nan")), "std of nan")):
         with pytest.raises(ArtifactError, match=message):
             reward_normalisation(bad, "rm@v1", "ppo")
-    assert combine([3.0], {"mean": 1.0, "std": 0.5}, None, 1.0, [True], None) == [4.0]
+    assert combine([3.0], Normalisation(mean=1.0, std=0.5), None, 1.0, [True], None) == [4.0]
 
 
 def test_ppo_refuses_a_reward_model_without_statistics_before_loading(reward_artifact: Path, sft_registry: Path,

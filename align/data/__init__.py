@@ -1,6 +1,6 @@
 """Data cards, dataset readers and row converters: everything between a file on disk and canonical rows."""
 
-from align.data.card_refs import CARD_FILE, dataset_card, load_card_ref, resolve_card
+from align.data.card_refs import CARD_FILE, dataset_card, is_artifact_ref, load_card_ref, resolve_card
 from align.data.cards import (
     DataCard,
     EvalSplit,
@@ -33,6 +33,7 @@ __all__ = [
     "dataset_card",
     "describe_row",
     "get_format",
+    "is_artifact_ref",
     "load_card",
     "load_card_ref",
     "load_data",

@@ -19,16 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from align import models, scoring
+from align import models
 from align.errors import ArtifactError, RecipeError
 from align.models import decoder
-from align.online_rewards import reward_normalisation
+from align.rewards import RewardModel, RewardScorer, stage_normalisation
 
 if TYPE_CHECKING:
-    from align.artifacts import Artifact, Registry
-    from align.export import ExportRecord
+    from align.artifacts import Registry
     from align.generation import Message
-    from align.manifest import BaseIdentity, ChainEntry
+    from align.manifest import BaseIdentity, ChainEntry, Normalisation
     from align.models import StartingPoint
     from align.recipe import Recipe
 
@@ -65,7 +64,8 @@ class ActorCritic(nn.Module):
             param.requires_grad_(flag)
 
     def use(self, role: str) -> None:
-        """Make `role`'s adapter the active one (for generation with the policy)."""
+        """Make `role`'s adapter the active one: the policy's for generation, the value's, or (shared layout) the
+        reward adapter on the same model."""
         _switch(self.policy if role == "policy" else self.value, role, self._flags)
 
     def hidden(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -92,17 +92,19 @@ class ActorCritic(nn.Module):
 
 @dataclass
 class Roles:
-    """What the PPO loop drives. `reference` gives the reference body; `score` rates finished replies."""
+    """What the PPO loop drives. `reference_logprobs` gives the reference; `reward_scores` rates finished replies
+    the way the reward model reads them (its tokenizer, chat template and max length), whichever layout holds it."""
 
     actor_critic: ActorCritic
     reference_model: Any  # a separate frozen model, or None: the policy model with its adapters disabled
-    reward_model: Any  # the shared PeftModel (reward adapter) or a separate sequence-classification model
-    reward_head: nn.Linear | None  # the reward adapter's score head (shared layout only)
-    reward_tokenizer: Any
-    reward_chat_template: str
-    reward_max_length: int | None
-    normalisation: dict[str, float] | None
+    reward_scorer: RewardScorer | None  # the reward adapter on the policy's model (shared), or its own model
+    normalisation: Normalisation | None  # what reward scores are standardised with; None: raw scores
     layout: str
+
+    @property
+    def reward_model(self) -> Any:
+        """The module holding the reward model's weights (in the shared layout, the policy's model too)."""
+        return self.reward_scorer.model if self.reward_scorer is not None else None
 
     @property
     def policy(self) -> Any:
@@ -134,25 +136,28 @@ class Roles:
 
     def reward_scores(self, prompts: list[list[Message]], replies: list[str], batch_size: int) -> list[float]:
         """The reward model's score of each reply, tokenised exactly as the reward model was trained."""
-        items = [(p, [{"role": "assistant", "content": r}]) for p, r in zip(prompts, replies, strict=True)]
-        if self.reward_head is None:
-            return scoring.score_replies(self.reward_model, self.reward_tokenizer, items,
-                                         chat_template=self.reward_chat_template, batch_size=batch_size,
-                                         max_length=self.reward_max_length)
-        _switch(self.reward_model, "reward", self.actor_critic._flags)
-        scores: list[float] = []
-        device = self.reward_head.weight.device
-        for start in range(0, len(items), batch_size):
-            input_ids, attention = scoring.reward_batch(self.reward_tokenizer, items[start:start + batch_size],
-                                                        self.reward_chat_template, self.reward_max_length)
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            hidden = decoder(self.reward_model)(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            # [B] where transformers' sequence classifiers read the score: the last token that is not padding.
-            columns = torch.arange(input_ids.shape[1], device=device)
-            last = (columns * (input_ids != self.reward_tokenizer.pad_token_id)).argmax(dim=-1)
-            picked = hidden[torch.arange(len(input_ids), device=device), last]  # [B, H]
-            scores.extend(self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1).float().tolist())
-        return scores
+        return self.reward_scorer.score(prompts, replies, batch_size)
+
+
+class AdapterScorer(nn.Module):
+    """The shared layout's reward model: the reward adapter on the policy's model, its score read by the reward
+    artifact's head (kept beside the model, which has a language-model head) at the last token that is not
+    padding, where transformers' sequence classifiers read it."""
+
+    def __init__(self, actor_critic: ActorCritic, head: nn.Linear, pad_id: int) -> None:
+        super().__init__()
+        self.body = actor_critic.policy  # registered first: the scorer's device is the body's
+        self.head = head
+        self.pad_id = pad_id
+        self.activate = lambda: actor_critic.use("reward")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.activate()
+        hidden = decoder(self.body)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (columns * (input_ids != self.pad_id)).argmax(dim=-1)  # [B]
+        picked = hidden[torch.arange(len(input_ids), device=input_ids.device), last]  # [B, H]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1)  # [B]
 
 
 # ---- loading the reward model's pieces ---------------------------------------------------------------------------
@@ -200,71 +205,25 @@ def _head(weight: torch.Tensor | None, hidden: int, trainable: bool, bias: float
     return head
 
 
-def value_head_from_reward(weight: torch.Tensor, normalisation: dict[str, float] | None
-                           ) -> tuple[torch.Tensor, float]:
+def value_head_from_reward(weight: torch.Tensor, normalisation: Normalisation | None) -> tuple[torch.Tensor, float]:
     """The value head's starting weight and bias from a reward head w: returns are in normalised reward units,
     (score - mean) / std = (w / std) . h - mean / std, so the copied head predicts them from the first step
     instead of carrying a position-dependent offset into the advantages."""
     if normalisation is None:
         return weight.float(), 0.0
-    return weight.float() / normalisation["std"], -normalisation["mean"] / normalisation["std"]
+    return weight.float() / normalisation.std, -normalisation.mean / normalisation.std
 
 
 def _chain_refs(chain: list[ChainEntry]) -> list[str]:
     return [entry.ref for entry in chain]
 
 
-@dataclass
-class RewardReading:
-    """How the reward model reads text (its own tokenizer and chat template, its max length) and the
-    normalisation of its scores (`online_rewards.reward_normalisation`; None with normalize_reward off)."""
-
-    tokenizer: Any
-    chat_template: str
-    max_length: int | None
-    normalisation: dict[str, float] | None
-
-
-def _export_record(directory: Path) -> ExportRecord | None:
-    """What `align export` recorded beside a plain model directory (chat template, score statistics), or None."""
-    from align.export import ExportRecord
-
-    return ExportRecord.of(directory)
-
-
-def _normalisation(reward: Artifact | Path, recipe: Recipe) -> dict[str, float] | None:
-    """The reward's normalisation under the one rule (`online_rewards.reward_normalisation`); None when off."""
-    if not recipe.ppo.normalize_reward:
-        return None
-    if isinstance(reward, Path):
-        record = _export_record(reward)
-        stats = record.normalisation if record else None
-        return reward_normalisation(stats.model_dump() if stats else None, str(reward), "ppo")
-    stats = reward.manifest.adapter.normalisation
-    return reward_normalisation(stats.model_dump() if stats else None, reward.ref, "ppo")
-
-
-def _reward_reading(reward: Artifact | Path | None, recipe: Recipe, policy_tokenizer: Any) -> RewardReading:
-    if reward is None:
-        return RewardReading(policy_tokenizer, recipe.model.chat_template, None, None)
-    if isinstance(reward, Path):  # a plain HF model directory; `align export` records its template and statistics
-        tokenizer = models.load_tokenizer(models.BaseModelSpec(str(reward), "local", str(reward)), "none")
-        record = _export_record(reward)
-        return RewardReading(tokenizer, (record.chat_template if record else None) or "auto", None,
-                             _normalisation(reward, recipe))
-    base = models.BaseModelSpec.from_manifest(reward.manifest.base_model)
-    return RewardReading(models.load_tokenizer(base, "auto", saved_in=reward.path),
-                         reward.manifest.adapter.chat_template, reward.manifest.adapter.max_length,
-                         _normalisation(reward, recipe))
-
-
-def check_reward(recipe: Recipe, registry: Registry, reward: Artifact | Path | None) -> None:
+def check_reward(recipe: Recipe, registry: Registry, reward: RewardModel | None) -> None:
     """What can be refused about the reward before any weights load: its normalisation statistics and, for a
     separate value model started from it, that it shares the policy's base."""
-    if reward is None:
-        return
-    _normalisation(reward, recipe)
-    if recipe.ppo.models == "separate" and recipe.ppo.value_from_reward and not isinstance(reward, Path):
+    stage_normalisation(recipe, reward)
+    if reward is not None and reward.artifact is not None and recipe.ppo.models == "separate" \
+            and recipe.ppo.value_from_reward:
         _value_start(reward, models.resolve_starting_point(recipe, registry), recipe)
 
 
@@ -287,36 +246,21 @@ def _same_base(a: BaseIdentity, b: BaseIdentity) -> bool:
     return (a.location, a.revision) == (b.location, b.revision)
 
 
-def _value_start(reward: Artifact, start: StartingPoint, recipe: Recipe) -> StartingPoint:
+def _value_start(reward: RewardModel, start: StartingPoint, recipe: Recipe) -> StartingPoint:
     """Where the value model starts in the separate layout: the reward model's own base and chain, so its copy of
     the reward adapter sits on the weights it was trained on. It reads the policy's tokens, so both must share a
     base (and so a tokenizer)."""
-    reward_base = models.BaseModelSpec.from_manifest(reward.manifest.base_model)
     # The policy's base as its parent recorded it (no second hash of the weights), else identified now.
     policy_base = start.parent.manifest.base_model if start.parent else models.base_identity(start.base)
-    if not _same_base(reward.manifest.base_model, policy_base):
-        raise RecipeError(f"{recipe.path}: ppo.value_from_reward: {reward.ref} was trained on {reward_base.spec}, the "
-                          f"policy starts from {start.base.spec}; the value model reads the policy's tokens, so it "
-                          "cannot start from this reward model: set ppo.value_from_reward: false")
-    return models.StartingPoint(reward_base, None, list(reward.manifest.adapter_chain))
+    if not _same_base(reward.artifact.manifest.base_model, policy_base):
+        raise RecipeError(f"{recipe.path}: ppo.value_from_reward: {reward.source} was trained on {reward.base.spec}, "
+                          f"the policy starts from {start.base.spec}; the value model reads the policy's tokens, so "
+                          "it cannot start from this reward model: set ppo.value_from_reward: false")
+    return models.StartingPoint(reward.base, None, list(reward.chain))
 
 
-def _load_plain_reward_model(directory: Path, dtype: Any, tokenizer: Any) -> Any:
-    """A full sequence-classification model directory (e.g. from `align export`) as a frozen scorer."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
-    except Exception as exc:  # transformers raises many types for a directory that is not such a model
-        raise RecipeError(f"ppo.reward_model: {directory} is not a sequence-classification model: {exc}") from None
-    if model.config.num_labels != 1:
-        raise RecipeError(f"ppo.reward_model: {directory} has {model.config.num_labels} labels; a reward model has 1")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval().requires_grad_(False)
-
-
-def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy_base: Any, tokenizer: Any,
-                reward: Artifact | Path | None, dtype: Any) -> Roles:
+def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy_base: Any,
+                reward: RewardModel | None, dtype: Any) -> Roles:
     """Attach (shared) or load (separate) the four roles around `policy_base`, the merged SFT model. `reward` is
     a reward artifact, a plain sequence-classification model directory (separate only), or None."""
     from peft import get_peft_model
@@ -325,53 +269,51 @@ def build_roles(recipe: Recipe, registry: Registry, start: StartingPoint, policy
     hidden_size = policy_base.config.hidden_size
     policy = get_peft_model(policy_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="policy")
     check_output_layer_plain(policy, recipe)
-    reading = _reward_reading(reward, recipe, tokenizer)
+    normalisation = stage_normalisation(recipe, reward)
+    adapter_dir = reward.artifact.adapter_path if reward is not None and reward.artifact is not None else None
 
     def value_head(weight: torch.Tensor | None) -> nn.Linear:
-        weight, bias = value_head_from_reward(weight, reading.normalisation) if weight is not None else (None, 0.0)
+        weight, bias = value_head_from_reward(weight, normalisation) if weight is not None else (None, 0.0)
         return _head(weight, hidden_size, trainable=True, bias=bias)
 
     if settings.models == "shared":
-        if reward is not None and _chain_refs(reward.manifest.adapter_chain) != _chain_refs(start.chain):
+        if reward is not None and _chain_refs(reward.chain) != _chain_refs(start.chain):
             raise RecipeError(
                 f"{recipe.path}: ppo.models: shared puts the reward adapter on the policy's starting model "
-                f"({' + '.join(_chain_refs(start.chain)) or 'the base'}), but {reward.ref} was trained from "
-                f"{' + '.join(_chain_refs(reward.manifest.adapter_chain)) or 'the base'}; "
-                "use ppo.models: separate")
+                f"({' + '.join(_chain_refs(start.chain)) or 'the base'}), but {reward.source} was trained from "
+                f"{' + '.join(_chain_refs(reward.chain)) or 'the base'}; use ppo.models: separate")
         reward_head = value_weight = None
-        if reward is not None:
-            reward_head = _head(_add_adapter_from(policy, "reward", reward.adapter_path, trainable=False),
-                                hidden_size, trainable=False)
-        if reward is not None and settings.value_from_reward:
-            value_weight = _add_adapter_from(policy, "value", reward.adapter_path, trainable=True)
+        if adapter_dir is not None:
+            reward_head = _head(_add_adapter_from(policy, "reward", adapter_dir, trainable=False), hidden_size,
+                                trainable=False)
+        if adapter_dir is not None and settings.value_from_reward:
+            value_weight = _add_adapter_from(policy, "value", adapter_dir, trainable=True)
         else:
             policy.add_adapter("value", models.lora_config(recipe.lora, "CAUSAL_LM"))
         policy.set_adapter("policy")
         for name, param in policy.named_parameters():  # set_adapter froze the others
             param.requires_grad_(".policy." in name or ".value." in name)
         actor_critic = ActorCritic(policy, policy, value_head(value_weight))
-        return Roles(actor_critic, None, policy if reward else None, reward_head, reading.tokenizer,
-                     reading.chat_template, reading.max_length, reading.normalisation, "shared")
+        scorer = None
+        if reward is not None and reward_head is not None:
+            module = AdapterScorer(actor_critic, reward_head, reward.tokenizer.pad_token_id)
+            scorer = RewardScorer(reward, module, module)
+        return Roles(actor_critic, None, scorer, normalisation, "shared")
 
     # Separate: a frozen reference, a value model, a reward model; each its own copy of the weights.
     reference = models.load_starting_model(start, registry, dtype).eval().requires_grad_(False)
     value_weight = None
-    if isinstance(reward, Path) or reward is None or not settings.value_from_reward:
+    if reward is None or adapter_dir is None or not settings.value_from_reward:  # the value starts afresh
         value_base = models.load_starting_model(start, registry, dtype)
         value = get_peft_model(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="value")
     else:
         value_base = models.load_starting_model(_value_start(reward, start, recipe), registry, dtype)
         value = get_peft_model(value_base, models.lora_config(recipe.lora, "CAUSAL_LM"), adapter_name="scratch")
-        value_weight = _add_adapter_from(value, "value", reward.adapter_path, trainable=True)
+        value_weight = _add_adapter_from(value, "value", adapter_dir, trainable=True)
         value.set_adapter("value")
         value.delete_adapter("scratch")
     for name, param in value.named_parameters():
         param.requires_grad_(".value." in name)
     actor_critic = ActorCritic(policy, value, value_head(value_weight))
-    reward_model = None
-    if isinstance(reward, Path):
-        reward_model = _load_plain_reward_model(reward, dtype, reading.tokenizer)
-    elif reward is not None:
-        reward_model = models.load_reward_model(reward, registry, dtype)[0].requires_grad_(False)
-    return Roles(actor_critic, reference, reward_model, None, reading.tokenizer, reading.chat_template,
-                 reading.max_length, reading.normalisation, "separate")
+    scorer = reward.load(registry, dtype=dtype) if reward is not None else None
+    return Roles(actor_critic, reference, scorer, normalisation, "separate")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from align.generation import generate_samples
-from align.online_rewards import combine
+from align.rewards import combine
 
 if TYPE_CHECKING:
     from align.generation import Message, Sample
@@ -63,11 +63,11 @@ def layout(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 def sequence_scores(roles: Roles, prompts: list[list[Message]], samples: list[Sample], settings: PpoSection,
                     reward_fn: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The scalar reward of each reply (`online_rewards.combine`, as GRPO and RLOO use), the raw reward-model
+    """The scalar reward of each reply (`rewards.combine`, as GRPO and RLOO use), the raw reward-model
     scores and which replies ended at a stop token (any of the model's, see `generation.stop_token_ids`)."""
     texts = [s.text for s in samples]
     ended = [s.ended for s in samples]
-    raw = roles.reward_scores(prompts, texts, batch_size) if roles.reward_model is not None else None
+    raw = roles.reward_scores(prompts, texts, batch_size) if roles.reward_scorer is not None else None
     judged = reward_fn(prompts, texts) if reward_fn is not None else None
     total = combine(raw, roles.normalisation, judged, settings.reward_function_weight, ended,
                     settings.missing_eos_penalty)

@@ -13,36 +13,18 @@ from typing import Any
 
 import torch
 
-from align import generation, judges, models, runtime, training
+from align import generation, judges, models, rewards, runtime, training
 from align.artifacts import Artifact, Registry
-from align.errors import ArtifactError, RecipeError
+from align.errors import RecipeError
 from align.ppo import roles as ppo_roles
 from align.ppo import trainer as ppo_trainer
 from align.ppo.rollout import sequence_scores
 from align.recipe import Recipe
 
 
-def _reward_source(recipe: Recipe, registry: Registry) -> Artifact | Path | None:
-    """`ppo.reward_model`: a reward artifact reference, or a plain sequence-classification model directory."""
-    spec = recipe.ppo.reward_model
-    if spec is None:
-        return None
-    directory = recipe.relative_path(spec)
-    if (directory / "config.json").is_file() and not (directory / "manifest.json").exists():
-        if recipe.ppo.models == "shared":
-            raise RecipeError(f"{recipe.path}: ppo.reward_model: {directory} is a whole model, not an adapter for "
-                              "the policy's base; use ppo.models: separate")
-        return directory
-    artifact = registry.resolve(spec)
-    if artifact.manifest.stage != "reward":
-        raise ArtifactError(f"ppo.reward_model: {artifact.ref} is a {artifact.manifest.stage} artifact, "
-                            "not a reward model")
-    return artifact
-
-
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one PPO policy adapter. Returns the artifact on the main process, None elsewhere."""
-    reward = _reward_source(recipe, registry)
+    reward = rewards.recipe_reward_model(recipe, registry)
     ppo_roles.check_reward(recipe, registry, reward)
     reward_fn = judges.load_judge(recipe.ppo.reward_function, registry)[0] if recipe.ppo.reward_function else None
     ppo_trainer.check_batch_sizes(recipe)
@@ -60,7 +42,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     runtime.wait_for_everyone()  # rank 0 may have just cleared the checkpoints of an older run
     torch.manual_seed(recipe.train.seed)  # fresh LoRA weights: the same on every rank and every resume
     dtype = models.torch_dtype(recipe.train.precision)
-    holder = ppo_roles.build_roles(recipe, registry, run_state.start, inputs.model, tokenizer, reward, dtype)
+    holder = ppo_roles.build_roles(recipe, registry, run_state.start, inputs.model, reward, dtype)
     for module in (holder.actor_critic, holder.reference_model, holder.reward_model):
         if module is not None:
             module.to(accelerator.device).eval()  # no dropout anywhere: see align/ppo/trainer.py
@@ -106,11 +88,11 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
                "max_length": recipe.train.max_length,
                "value": "value/: the value adapter and value_head.safetensors (its scalar head: weight, bias)"}
     # A plain model directory is not an artifact, so not a parent: record what it was.
-    plain_reward = models.base_identity(models.BaseModelSpec(str(reward), "local", str(reward))) \
-        if isinstance(reward, Path) else None
+    exported = reward is not None and reward.artifact is None
+    plain_reward = models.base_identity(reward.base) if exported else None
     details = {"adapter": adapter, "ppo": recipe.ppo.model_dump(), "reward_model": plain_reward}
     return training.publish(run_state, write_files=write_files, metrics=metrics, details=details,
-                            extra_parents=[(reward, "reward")] if isinstance(reward, Artifact) else [])
+                            extra_parents=[(reward.artifact, "reward")] if reward and reward.artifact else [])
 
 
 def _save_adapters(holder: ppo_roles.Roles, final: Path) -> None:
