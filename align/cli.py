@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from align import console as show
 from align.errors import AlignError
 from align.stages import STAGES, Stage
 
@@ -42,14 +43,6 @@ RegistryOpt = Annotated[
 ]
 
 
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    # Piped output (make, CI logs) gets 120 columns rather than rich's 80, so tables keep their numbers whole.
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if stream.isatty() else 120)
-
-
 def _registry(option: Path | None, recipe_root: str | None = None) -> Any:
     from align.artifacts import Registry
 
@@ -65,22 +58,6 @@ def _card(value: str, registry: Path | None = None) -> Any:
     from align.data import load_card_ref
 
     return load_card_ref(value, _registry(registry))
-
-
-def _summary_table(artifact: Any) -> Any:
-    from rich.table import Table
-
-    manifest = artifact.manifest
-    table = Table(title=f"{manifest.stage} -> {artifact.ref}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("artifact", artifact.ref)
-    table.add_row("path", str(artifact.path))
-    table.add_row("started from", manifest.started_from)
-    table.add_row("duration", f"{manifest.duration_s:.1f} s")
-    for key, value in manifest.metrics.model_dump().items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    return table
 
 
 # ---- stages ------------------------------------------------------------------------------------------------
@@ -99,17 +76,19 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 def _run_stage(stage: Stage, recipe_path: Path, overrides: list[str] | None, resume: bool,
                registry: Path | None) -> None:
     """Load the recipe, re-launch under Accelerate if asked, run the stage, print its summary."""
+    from align import runtime
     from align.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [], stage=stage.name)
-    if _self_launched(recipe):
-        return
-    console = _console(stderr=True)
+    code = runtime.launch_if_asked(recipe, sys.argv[1:])
+    if code is not None:  # the launched processes ran the stage
+        raise typer.Exit(code)
+    notes = show.console(stderr=True)
     artifact = stage.run(recipe, _registry(registry, recipe.output.root), resume=resume,
-                         say=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
+                         say=lambda text: notes.print(f"[yellow]{escape(text)}[/yellow]"))
     if artifact is not None:
-        _console().print(_summary_table(artifact))
-        _console().print(f"published {artifact.ref} -> {artifact.path}", markup=False)
+        show.console().print(show.summary_table(artifact))
+        show.console().print(f"published {artifact.ref} -> {artifact.path}", markup=False)
 
 
 def _stage_command(stage: Stage) -> Any:
@@ -129,6 +108,13 @@ for _stage in STAGES.values():
     app.command(_stage.name)(_stage_command(_stage))
 
 
+class Output(StrEnum):
+    """How `align score` prints its scores."""
+
+    table = "table"
+    jsonl = "jsonl"
+
+
 @app.command()
 def score(
     ref: Annotated[str, typer.Argument(help="Reward artifact: NAME@vN, NAME@latest, NAME or a path.",
@@ -137,7 +123,7 @@ def score(
     split: Annotated[Split, typer.Option(help="Which rows of the card (with --data).")] = Split.eval,
     prompt: Annotated[str | None, typer.Option(help="A user prompt (with --response).")] = None,
     response: Annotated[list[str] | None, typer.Option(help="A reply to score (repeatable).")] = None,
-    output: Annotated[str, typer.Option("--output", help="table or jsonl.")] = "table",
+    output: Annotated[Output, typer.Option("--output", help="A table, or one JSON record per row.")] = Output.table,
     limit: Annotated[int | None, typer.Option(min=1, help="Score at most this many rows.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
@@ -145,66 +131,23 @@ def score(
     import json
 
     from align.data import load_data
+    from align.rewards import RewardModel, score_rows
 
-    if output not in ("table", "jsonl"):
-        raise AlignError(f"--output must be table or jsonl, not {output!r}")
     if (data is None) == (prompt is None) or (prompt is not None and not response):
         raise AlignError("give either --data CARD, or --prompt P with one or more --response R")
     reg = _registry(registry)
-    artifact = reg.resolve(ref)
-    if artifact.manifest.stage != "reward":
-        raise AlignError(f"{artifact.ref} is a {artifact.manifest.stage} artifact; `align score` needs a "
-                         "reward artifact")
+    reward = RewardModel.of(reg.resolve(ref), "`align score`")
     if data is not None:
         rows = getattr(load_data(_card(data, registry)), split.value)[:limit]
     else:
         rows = [{"prompt": [{"role": "user", "content": prompt}],
                  "completion": [{"role": "assistant", "content": reply}]} for reply in response or []]
-
-    from align import scoring
-    from align.models import load_reward_model
-
-    model, tokenizer = load_reward_model(artifact, reg)
-    chat_template = artifact.manifest.adapter.chat_template
-    columns = [key for key in ("chosen", "rejected", "completion") if rows and key in rows[0]]
-    max_length = artifact.manifest.adapter.max_length
-    scores = {key: scoring.score_replies(model, tokenizer, [(r["prompt"], r[key]) for r in rows],
-                                         chat_template=chat_template, max_length=max_length) for key in columns}
-    records = [{"index": i, **{key: scores[key][i] for key in columns}} for i in range(len(rows))]
-    if output == "jsonl":
-        for record in records:
+    result = score_rows(reward.load(reg), rows)
+    if output == Output.jsonl:
+        for record in result.records():
             typer.echo(json.dumps(record))
         return
-    from rich.table import Table
-
-    table = Table(title=f"{artifact.ref} scores")
-    table.add_column("#", justify="right")
-    table.add_column("prompt")
-    for key in columns:
-        table.add_column(key, justify="right")
-    for row, record in zip(rows, records, strict=True):
-        text = row["prompt"][-1]["content"]
-        table.add_row(str(record["index"]), text[:60], *(f"{record[key]:+.4f}" for key in columns))
-    _console().print(table)
-    if "chosen" in columns:
-        metrics = scoring.pairwise_metrics(scores["chosen"], scores["rejected"])
-        _console().print(f"accuracy {metrics['accuracy']:.3f}, mean margin {metrics['margin_mean']:+.4f} "
-                         f"over {metrics['pairs']} pairs")
-
-
-def _self_launched(recipe: Any) -> bool:
-    """Re-run this very command under `accelerate launch` when the recipe asks for several processes."""
-    from align import runtime
-
-    if not runtime.should_self_launch(recipe.launch.num_processes):
-        return False
-    from align.device import detect_device
-
-    config = recipe.relative_path(recipe.launch.accelerate_config) if recipe.launch.accelerate_config else None
-    code = runtime.self_launch(sys.argv[1:], recipe.launch.num_processes, config, detect_device()["type"] == "cuda")
-    if code:
-        raise typer.Exit(code)
-    return True
+    show.console().print(show.scores_table(reward.source, rows, result))
 
 
 @app.command("eval")
@@ -234,9 +177,9 @@ def eval_(
                             batch_size=batch_size, judge=judge, reward=reward)
     artifact = reg.resolve(ref)
     result = evaluate_artifact(artifact, reg, settings, card.path)
-    _console().print(_eval_table(result))
-    _console().print(_examples_table(result))
-    _console().print(f"saved {artifact.path / 'eval.json'}", markup=False)
+    show.console().print(show.eval_table(result))
+    show.console().print(show.examples_table(result))
+    show.console().print(f"saved {artifact.path / 'eval.json'}", markup=False)
 
 
 @app.command()
@@ -246,10 +189,7 @@ def compare(
     registry: RegistryOpt = None,
 ) -> None:
     """One table of policies and their common parent from their eval.json: judge, reward, KL, length, fluency."""
-    from rich.table import Table
-
     from align.eval_result import EVAL_FILE, EvalResult
-    from align.report.comparison import COMPARISON_HEADERS, comparison_rows
 
     reg = _registry(registry)
     evals = []
@@ -258,52 +198,13 @@ def compare(
         if result is None:
             raise AlignError(f"{artifact.ref} has no {EVAL_FILE}; run `align eval {artifact.ref} --data CARD` first")
         evals.append((artifact, result))
-    # One column per model (the report's rows turned on their side), so the table fits a terminal.
-    rows = comparison_rows(evals)
-    table = Table(title="evaluations against their parents (± standard errors clustered by prompt)")
-    table.add_column(COMPARISON_HEADERS[0])
-    for row in rows:
-        table.add_column(escape(row.model + (" (parent)" if row.is_parent else "")), justify="right",
-                         style="dim" if row.is_parent else None)
-    for index, header in enumerate(COMPARISON_HEADERS[1:], start=1):
-        table.add_row(header, *(escape(row.cells[index]) for row in rows))
-    _console().print(table)
+    show.console().print(show.comparison_table(evals))
     for artifact, result in evals:
         if result.kl_note:
-            _console().print(f"{artifact.ref}: KL {result.kl_note}", markup=False)
+            show.console().print(f"{artifact.ref}: KL {result.kl_note}", markup=False)
     settings = {result.settings.model_copy(update={"reward": None}) for _, result in evals}
     if len({result.parent for _, result in evals}) > 1 or len(settings) > 1:
-        _console().print("[yellow]note: these evaluations differ in parent or settings; compare with care[/yellow]")
-
-
-def _examples_table(result: Any) -> Any:
-    from rich.table import Table
-
-    table = Table(title="samples (first sample of the first prompts)", show_lines=True)
-    for column in ("prompt", "parent", "artifact"):
-        table.add_column(column, overflow="fold")
-    for example in result.examples[:4]:
-        table.add_row(escape(example.prompt), escape(f"{example.parent}  [{example.judge_parent:+.2f}]"),
-                      escape(f"{example.artifact}  [{example.judge_artifact:+.2f}]"))
-    return table
-
-
-def _eval_table(result: Any) -> Any:
-    from rich.table import Table
-
-    from align.report.comparison import eval_summary_rows
-
-    settings = result.settings
-    table = Table(title=f"{result.artifact} vs its parent {result.parent}: {result.prompts} prompts x "
-                        f"{settings.num_samples} samples (seed {settings.seed}, temperature {settings.temperature}); "
-                        "± is a standard error clustered by prompt")
-    for column in ("metric", "parent", "artifact", "change"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    for row in eval_summary_rows(result):
-        table.add_row(escape(row.metric), row.parent, row.artifact, row.change)
-    if result.kl_note:
-        table.caption = escape(f"KL {result.kl_note}")
-    return table
+        show.console().print("[yellow]note: these evaluations differ in parent or settings; compare with care[/yellow]")
 
 
 @app.command()
@@ -317,7 +218,7 @@ def report(
     from align.report import write_report
 
     path = write_report(_registry(registry), refs or [], out)
-    _console().print(f"wrote {path}")
+    show.console().print(f"wrote {path}")
 
 
 @app.command()
@@ -333,7 +234,7 @@ def export(
 
     reg = _registry(registry)
     path = export_merged(reg.resolve(ref), reg, merge, force=force)
-    _console().print(f"exported {reg.resolve(ref).ref} -> {path}")
+    show.console().print(f"exported {reg.resolve(ref).ref} -> {path}")
 
 
 # ---- recipe ------------------------------------------------------------------------------------------------
@@ -350,7 +251,7 @@ def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None, registry: 
     reg = _registry(registry, recipe.output.root)
     card = load_card(resolve_card(recipe.data.card, recipe.path.parent, reg)[0])
     resolve_starting_point(recipe, reg)
-    _console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
+    show.console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
 
 
 @recipe_app.command("show")
@@ -397,51 +298,21 @@ def data_validate(
     registry: RegistryOpt = None,
 ) -> None:
     """Load every row of a card: counts, rejected rows with their line, token-length percentiles."""
-    from rich.table import Table
-
     from align.data import load_data, token_length_percentiles
     from align.errors import DataError
+    from align.scoring import length_counter
 
     card = _card(card_path, registry)
     data = load_data(card, strict=False)
-    console = _console()
-    summary = data.summary()
-    console.print(f"{card_path}: {card.name} ({card.format}): {len(data.train)} train, {len(data.eval)} eval rows, "
-                  f"{len(data.rejected)} rejected")
-    for file in summary.get("files", []):
-        console.print(f"  {file['path']}  sha256 {file['sha256'][:16]}...")
-    for rejected in data.rejected[:20]:
-        console.print(f"  [red]rejected[/red] {rejected.location}: {rejected.reason}")
-    if len(data.rejected) > 20:
-        console.print(f"  ... and {len(data.rejected) - 20} more")
+    out = show.console()
+    out.print(show.card_summary(card_path, card, data))
     if tokenizer:
-        count = _token_counter(tokenizer, chat_template)
-        table = Table(title="token lengths (prompt + reply)")
+        count = length_counter(tokenizer, chat_template)
         stats = {split: token_length_percentiles(rows, count) for split, rows in
                  (("train", data.train), ("eval", data.eval)) if rows}
-        keys = list(next(iter(stats.values())))
-        table.add_column("split")
-        for key in keys:
-            table.add_column(str(key), justify="right")
-        for split, values in stats.items():
-            table.add_row(split, *(f"{values[k]:.0f}" for k in keys))
-        console.print(table)
+        out.print(show.token_length_table(stats))
     if data.rejected and card.on_malformed == "error":
         raise DataError(f"{card_path}: {len(data.rejected)} malformed row(s); fix them or set on_malformed: skip")
-
-
-def _token_counter(tokenizer_spec: str, chat_template: str) -> Any:
-    """Tokens of prompt + reply exactly as the trainers see them."""
-    from align.models import load_tokenizer, resolve_base
-    from align.scoring import reward_input_ids
-
-    tokenizer = load_tokenizer(resolve_base(tokenizer_spec, Path.cwd()), chat_template)
-
-    def count(row: dict[str, Any]) -> int:
-        return len(reward_input_ids(tokenizer, row["prompt"], row.get("completion") or row.get("chosen") or [],
-                                    chat_template))
-
-    return count
 
 
 @data_app.command("preview")
@@ -455,10 +326,10 @@ def data_preview(
     from align.data import describe_row, load_data
 
     data = load_data(_card(card_path, registry))
-    console = _console()
+    out = show.console()
     for index, row in enumerate(getattr(data, split.value)[:rows]):
-        console.rule(f"{split.value} row {index}")
-        console.print(describe_row(row), markup=False)
+        out.rule(f"{split.value} row {index}")
+        out.print(describe_row(row), markup=False)
 
 
 # ---- artifacts ---------------------------------------------------------------------------------------------
@@ -470,18 +341,8 @@ def artifacts_list(
     registry: RegistryOpt = None,
 ) -> None:
     """Every published version: stage, creation time, parents, headline metric."""
-    from rich.table import Table
-
     reg = _registry(registry)
-    table = Table(title=f"artifacts in {reg.root}")
-    for column in ("ref", "stage", "created", "from", "data"):
-        table.add_column(column)
-    for artifact in reg.list(name):
-        manifest = artifact.manifest
-        parent = ", ".join(p.ref for p in manifest.parents) or manifest.base_model.spec
-        data = ", ".join(d.name for d in manifest.data)
-        table.add_row(artifact.ref, manifest.stage, manifest.created[:19], parent, data)
-    _console().print(table)
+    show.console().print(show.artifacts_table(f"artifacts in {reg.root}", reg.list(name)))
 
 
 @artifacts_app.command("show")
@@ -500,23 +361,7 @@ def artifacts_lineage(
     registry: RegistryOpt = None,
 ) -> None:
     """The parent chain down to the base model, with data cards at every step."""
-    from rich.tree import Tree
-
-    def grow(branch: Any, node: Any) -> Any:
-        for parent in node.parents:
-            grow(branch.add(_lineage_label(parent)), parent)
-        return branch
-
-    root = _registry(registry).lineage(ref)
-    _console().print(grow(Tree(_lineage_label(root)), root))
-
-
-def _lineage_label(node: Any) -> str:
-    if node.missing:
-        return escape(f"{node.ref} (missing)")
-    role = f"{node.role}: " if node.role else ""
-    data = f" data={','.join(node.data)}" if node.data else ""
-    return escape(f"{role}{node.ref} [{node.stage}] base={node.base_model}{data}")  # "[sft]" is not markup
+    show.console().print(show.lineage_tree(_registry(registry).lineage(ref)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from align.data import Message
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-Message = dict[str, str]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], chat_template: str) -> str:

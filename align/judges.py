@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from align.data import Message
 from align.errors import AlignError
-from align.generation import Message
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry

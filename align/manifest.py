@@ -112,7 +112,7 @@ class AdapterInfo(Strict):
 
 class RewardAdapterInfo(AdapterInfo):
     score_head: str
-    normalisation: Normalisation
+    normalisation: Normalisation | None  # null: no statistics recorded (online stages then need normalize_reward off)
 
 
 class ValueAdapterInfo(AdapterInfo):

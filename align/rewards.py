@@ -35,7 +35,7 @@ from align.stages import OnlineReward, RewardManifest
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry
-    from align.generation import Message
+    from align.data import Message
     from align.recipe import Recipe
     from align.scoring import Item
 

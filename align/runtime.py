@@ -11,9 +11,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from align.errors import RecipeError, StageInterrupted
+
+if TYPE_CHECKING:
+    from align.recipe import Recipe
 
 
 def world() -> tuple[int, int]:
@@ -142,3 +145,14 @@ def self_launch(argv: list[str], num_processes: int, config_file: Path | None, o
     cmd = accelerate_command(argv, num_processes, config_file, on_gpu)
     env = {**os.environ, "ALIGN_LAUNCHED": "1"}
     return subprocess.call(cmd, env=env)
+
+
+def launch_if_asked(recipe: Recipe, argv: list[str]) -> int | None:
+    """Re-run the command `argv` under `accelerate launch` when the recipe asks for several processes and this is
+    not already one of them; returns the launcher's exit code, or None when this process should run the stage."""
+    if not should_self_launch(recipe.launch.num_processes):
+        return None
+    from align.device import detect_device
+
+    config = recipe.relative_path(recipe.launch.accelerate_config) if recipe.launch.accelerate_config else None
+    return self_launch(argv, recipe.launch.num_processes, config, detect_device()["type"] == "cuda")

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from align.generation import Message
+from align.data import Message
 
 Item = tuple[list[Message], list[Message]]  # (prompt, reply): the messages before the reply, and the reply
 
@@ -96,3 +96,18 @@ def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict[str, fl
         "reward_std": math.sqrt(sum((s - mean) ** 2 for s in every) / len(every)),
         "pairs": len(margins),
     }
+
+
+def length_counter(tokenizer_spec: str, chat_template: str) -> Callable[[dict[str, Any]], int]:
+    """Tokens of a row's prompt + reply exactly as the trainers see them (`align data validate --tokenizer`)."""
+    from pathlib import Path
+
+    from align.models import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(resolve_base(tokenizer_spec, Path.cwd()), chat_template)
+
+    def count(row: dict[str, Any]) -> int:
+        return len(reward_input_ids(tokenizer, row["prompt"], row.get("completion") or row.get("chosen") or [],
+                                    chat_template))
+
+    return count

@@ -28,6 +28,7 @@ from align.generation import to_plain_text_row
 from align.hashing import sha256_json
 from align.models import StartingPoint
 from align.recipe import Recipe
+from align.stages import STAGES
 
 
 @dataclass
@@ -106,10 +107,12 @@ def trackers(report_to: list[str]) -> list[str]:
     return chosen
 
 
-def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows: str,
-            head: str = "causal_lm") -> StageInputs:
-    """Load data (checking it is the kind of rows the stage needs) and references before any slow import,
-    then resolve device defaults, open the run directory and load tokenizer and starting model."""
+def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> StageInputs:
+    """Load data (checking it is the kind of rows the stage reads, as the stage registry declares) and references
+    before any slow import, then resolve device defaults, open the run directory and load tokenizer and starting
+    model (with a scalar score head when the stage trains a SEQ_CLS adapter)."""
+    stage = STAGES[recipe.stage]
+    rows, head = stage.reads, "score" if stage.task_type == "SEQ_CLS" else "causal_lm"
     trackers(recipe.train.report_to)
     card_path, data_parent = resolve_card(recipe.data.card, recipe.path.parent, registry)
     card = load_card(card_path)
@@ -134,7 +137,7 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any, rows:
     return StageInputs(recipe, data, run, tokenizer, model)
 
 
-def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *, task_type: str,
+def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *,
                   trainer_kwargs: dict[str, Any] | None = None, **stage_config: Any) -> Any:
     """A TRL trainer over the stage's rows with a fresh LoRA adapter; `stage_config` adds the stage's own
     config fields to the shared TrainingArguments, `trainer_kwargs` its own trainer arguments (reward_funcs)."""
@@ -150,7 +153,7 @@ def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *, tas
         train_dataset=as_dataset(inputs.data.train, recipe.model.chat_template),
         eval_dataset=as_dataset(inputs.data.eval, recipe.model.chat_template),
         processing_class=inputs.tokenizer,
-        peft_config=models.lora_config(recipe.lora, task_type),
+        peft_config=models.lora_config(recipe.lora, STAGES[recipe.stage].task_type),
         **(trainer_kwargs or {}),
     )
 
@@ -229,7 +232,7 @@ def save_adapter(trainer: Any, run: StageRun) -> Path:
     return final
 
 
-def publish_adapter(trainer: Any, inputs: StageInputs, *, task_type: str, metrics: dict[str, Any],
+def publish_adapter(trainer: Any, inputs: StageInputs, *, metrics: dict[str, Any],
                     train_metrics: dict[str, Any], files: dict[str, Any] | None = None,
                     adapter_extra: dict[str, Any] | None = None, details: dict[str, Any] | None = None,
                     extra_parents: list[tuple[Artifact, str]] = ()) -> Artifact | None:
@@ -254,12 +257,17 @@ def publish_adapter(trainer: Any, inputs: StageInputs, *, task_type: str, metric
         for name, content in (files or {}).items():
             write_json(staging / name, content)
 
-    lora = recipe.lora
-    adapter = {"task_type": task_type, "r": lora.r, "lora_alpha": lora.lora_alpha,
-               "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
-               "max_length": recipe.train.max_length, **(adapter_extra or {})}
+    adapter = adapter_info(recipe, **(adapter_extra or {}))
     return publish(run, write_files=write_files, metrics=metrics, details={"adapter": adapter, **(details or {})},
                    extra_parents=extra_parents)
+
+
+def adapter_info(recipe: Recipe, **extra: Any) -> dict[str, Any]:
+    """The manifest's `adapter` entry: the trained LoRA and how its model reads text (`manifest.AdapterInfo`)."""
+    lora = recipe.lora
+    return {"task_type": STAGES[recipe.stage].task_type, "r": lora.r, "lora_alpha": lora.lora_alpha,
+            "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
+            "max_length": recipe.train.max_length, **extra}
 
 
 def perplexity(loss: float | None) -> float | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.eval_result import EvalResult
 from align.evaluate import (
     clustered_mean_stderr,
     distinct_n,
@@ -264,15 +265,19 @@ def test_eval_kl_on_a_real_model_uses_the_sampling_temperature_for_both_models(s
     assert reference_logprobs_and_kl(model, policy, parent, tokenizer.pad_token_id, greedy)[2]["kl"] is None
 
 
-def _eval_result(**changes: object) -> dict:
+def _eval_result(**changes: object) -> EvalResult:
     """An eval.json as `evaluate_artifact` writes it (greedy by default: no KL), for the display code."""
-    side = {"judge": 0.1, "judge_stderr": 0.02, "length_tokens": 9.0, "distinct_2": 0.8, "ref_nll_per_token": 2.0}
-    result = {"artifact": "p@v1", "parent": "sft@v1", "prompts": 3, "samples": 6, "examples": [],
-              "settings": {"num_samples": 2, "seed": 0, "judge": "vader", "temperature": 0.0, "top_p": 1.0},
+    side = {"judge": 0.1, "judge_stderr": 0.02, "length_tokens": 9.0, "distinct_2": 0.8, "ref_nll_per_token": 2.0,
+            "truncated_share": 0.0, "reward": None, "reward_stderr": None}
+    result = {"schema_version": EvalResult.SCHEMA_VERSION, "artifact": "p@v1", "parent": "sft@v1", "prompts": 3,
+              "samples": 6, "examples": [],
+              "settings": {"card": "c.yaml", "num_samples": 2, "seed": 0, "judge": "vader", "temperature": 0.0,
+                           "top_p": 1.0},
               "policy": {**side, "judge": 0.3}, "parent_model": side, "judge_delta": 0.2, "judge_delta_stderr": 0.05,
+              "reward_delta": None, "reward_delta_stderr": None,
               "win_rate": 0.625, "win_rate_stderr": 0.125, "win_rate_by": "vader", "ref_nll_rise": 0.1,
               **kl_fields(None, None, 2, kl_note(0.0, 1.0))}
-    return {**result, **changes}
+    return EvalResult.model_validate({**result, **changes})
 
 
 def test_eval_and_report_tables_show_an_unmeasured_kl_as_a_dash() -> None:
@@ -281,12 +286,14 @@ def test_eval_and_report_tables_show_an_unmeasured_kl_as_a_dash() -> None:
 
     from rich.console import Console
 
-    from align.cli import _eval_table
-    from align.report import plot_frontier, render_comparison
+    from align.cli import eval_table
+    from align.report.extract import frontier_series
+    from align.report.html import render_comparison
+    from align.report.plots import plot_frontier
 
-    def text(result: dict) -> str:
+    def text(result: EvalResult) -> str:
         console = Console(width=200, record=True, file=io.StringIO())
-        console.print(_eval_table(result))
+        console.print(eval_table(result))
         return console.export_text()
 
     greedy = text(_eval_result())
@@ -299,4 +306,4 @@ def test_eval_and_report_tables_show_an_unmeasured_kl_as_a_dash() -> None:
     evals = [(SimpleNamespace(ref="p@v1"), _eval_result())]  # the report reads only .ref of an artifact
     html = render_comparison(evals)
     assert "0.625 ± 0.125" in html and "<td>–</td>" in html
-    assert plot_frontier(evals)[:4] == b"\x89PNG"  # no KL: the point is left out, nothing fails
+    assert plot_frontier(frontier_series(evals))[:4] == b"\x89PNG"  # no KL: the point is left out, nothing fails

@@ -4,7 +4,6 @@ whichever layout holds it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +117,7 @@ def test_reward_reads_text_its_own_way_in_both_layouts(reward_artifact: Path, sf
     reward artifact's tokenizer and template, so they agree (and agree with `align score`'s reading)."""
     from align import models, scoring
     from align.artifacts import Registry
+    from align.manifest import Manifest
 
     registry_root = tmp_path / "registry"
 
@@ -126,8 +126,7 @@ def test_reward_reads_text_its_own_way_in_both_layouts(reward_artifact: Path, sf
 
     copy_reward_artifact(sft_registry, registry_root, "rm-chat", chat)
     target = registry_root / "rm-chat" / "v1"
-    manifest = json.loads((target / "manifest.json").read_text())
-    tokenizer = models.load_tokenizer(models.BaseModelSpec.from_manifest(manifest["base_model"]), "auto",
+    tokenizer = models.load_tokenizer(models.BaseModelSpec.from_manifest(Manifest.read(target).base_model), "auto",
                                       saved_in=target)
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(str(target))

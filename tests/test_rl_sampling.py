@@ -137,7 +137,7 @@ def test_reward_normalisation_is_one_rule() -> None:
 def test_ppo_refuses_a_reward_model_without_statistics_before_loading(reward_artifact: Path, sft_registry: Path,
                                                                       run_align: Callable, tmp_path: Path) -> None:
     registry = tmp_path / "registry"
-    ref = copy_reward_artifact(sft_registry, registry, "rm-nostats", lambda m: m["adapter"].pop("normalisation"))
+    ref = copy_reward_artifact(sft_registry, registry, "rm-nostats", lambda m: m["adapter"].update(normalisation=None))
     result = run_align("ppo", PPO, "--registry", registry, "--set", f"ppo.reward_model={ref}",
                        "--set", "name=ppo-nostats")
     assert result.returncode == 2, result.stderr[-3000:]

@@ -26,7 +26,7 @@ from align.rewards import RewardModel, RewardScorer, stage_normalisation
 
 if TYPE_CHECKING:
     from align.artifacts import Registry
-    from align.generation import Message
+    from align.data import Message
     from align.manifest import BaseIdentity, ChainEntry, Normalisation
     from align.models import StartingPoint
     from align.recipe import Recipe

@@ -16,7 +16,8 @@ from align.generation import generate_samples
 from align.rewards import combine
 
 if TYPE_CHECKING:
-    from align.generation import Message, Sample
+    from align.data import Message
+    from align.generation import Sample
     from align.ppo.roles import Roles
     from align.recipe import PpoSection
 

@@ -25,7 +25,7 @@ from align.ppo import losses
 from align.ppo.rollout import Rollout, collect
 
 if TYPE_CHECKING:
-    from align.generation import Message
+    from align.data import Message
     from align.ppo.roles import Roles
     from align.recipe import Recipe
     from align.training import StageRun

@@ -106,7 +106,7 @@ class DpoMetrics(TrainedMetrics):
 
 
 class OnlineMetrics(TrainedMetrics):
-    """GRPO and RLOO (`rewards.rollout_metrics`): KL per sequence is null when truncated replies are masked."""
+    """GRPO and RLOO (`stages.online.rollout_metrics`): KL per sequence is null when truncated replies are masked."""
 
     reward_first: float | None
     reward_last: float | None

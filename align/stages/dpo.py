@@ -93,7 +93,7 @@ def open_end_trainer() -> type:
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one DPO policy adapter. Returns the artifact on the main process, None elsewhere."""
-    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="preference")
+    inputs = training.prepare(recipe, registry, resume=resume, say=say)
     recipe, run_state, settings = inputs.recipe, inputs.run, inputs.recipe.dpo
     from trl import DPOConfig
 
@@ -101,7 +101,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     opened = sum(a + b for split in flags.values() for a, b in split)
     if opened:
         say(f"{opened} cut-off replies stay open (no EOS or end of turn appended)")
-    trainer = training.build_trainer(open_end_trainer(), DPOConfig, inputs, task_type="CAUSAL_LM",
+    trainer = training.build_trainer(open_end_trainer(), DPOConfig, inputs,
                                      trainer_kwargs={"open_flags": flags},
                                      beta=settings.beta, loss_type=list(settings.loss_type),
                                      loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
@@ -123,5 +123,5 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "train_rows_truncated_too_long": sum(scoring.over_length(inputs.tokenizer, inputs.data.train,
                                                                  recipe.model.chat_template, recipe.train.max_length)),
     }
-    return training.publish_adapter(trainer, inputs, task_type="CAUSAL_LM", metrics=metrics,
+    return training.publish_adapter(trainer, inputs, metrics=metrics,
                                     train_metrics=train_metrics, details={"dpo": settings.model_dump()})

@@ -27,7 +27,7 @@ def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: 
 
     check_batch(recipe)
     reward = rewards.resolve(recipe, registry)
-    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
+    inputs = training.prepare(recipe, registry, resume=resume, say=say)
     settings = getattr(inputs.recipe, recipe.stage)
     reward_fn = rewards.reward_function(reward, registry, inputs.tokenizer,
                                         generation.stop_token_ids(inputs.model, inputs.tokenizer))
@@ -35,14 +35,14 @@ def train_and_publish(recipe: Recipe, registry: Registry, *, resume: bool, say: 
     import trl
 
     online = training.build_trainer(getattr(trl, f"{trainer}Trainer"), getattr(trl, f"{trainer}Config"), inputs,
-                                    task_type="CAUSAL_LM", trainer_kwargs={"reward_funcs": [reward_fn]},
+                                    trainer_kwargs={"reward_funcs": [reward_fn]},
                                     **sampling_config(inputs.recipe), **stage_config)
     # TRL's sampling config leaves min_p & co. unset, which generate() would fill from the checkpoint's settings.
     with generation.checkpoint_settings_ignored(online.model, inputs.tokenizer):
         train_metrics = training.train(online, inputs.run)
     inputs.tokenizer.padding_side = padding_side
     metrics = rollout_metrics(online.state.log_history, masked_truncated=settings.mask_truncated_completions)
-    return training.publish_adapter(online, inputs, task_type="CAUSAL_LM", metrics=metrics, train_metrics=train_metrics,
+    return training.publish_adapter(online, inputs, metrics=metrics, train_metrics=train_metrics,
                                     extra_parents=reward.parents,
                                     details={recipe.stage: settings.model_dump(), "online_reward": reward.describe()})
 

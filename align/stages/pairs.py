@@ -23,10 +23,9 @@ import yaml
 
 from align import generation, judges, models, runtime, training
 from align.artifacts import Artifact, Registry
-from align.data import CARD_FILE, load_card, load_data, resolve_card
+from align.data import CARD_FILE, Message, load_card, load_data, resolve_card
 from align.device import detect_device, resolve_device_defaults
 from align.errors import DataError
-from align.generation import Message
 from align.hashing import sha256_file
 from align.recipe import PairsSection, Recipe
 

@@ -28,7 +28,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     ppo_roles.check_reward(recipe, registry, reward)
     reward_fn = judges.load_judge(recipe.ppo.reward_function, registry)[0] if recipe.ppo.reward_function else None
     ppo_trainer.check_batch_sizes(recipe)
-    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="prompts")
+    inputs = training.prepare(recipe, registry, resume=resume, say=say)
     recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
     from accelerate import Accelerator
 
@@ -82,11 +82,8 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         tokenizer.save_pretrained(str(staging))
         training.write_json(staging / "log_history.json", history)
 
-    lora = recipe.lora
-    adapter = {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
-               "target_modules": lora.target_modules, "chat_template": recipe.model.chat_template,
-               "max_length": recipe.train.max_length,
-               "value": "value/: the value adapter and value_head.safetensors (its scalar head: weight, bias)"}
+    adapter = training.adapter_info(
+        recipe, value="value/: the value adapter and value_head.safetensors (its scalar head: weight, bias)")
     # A plain model directory is not an artifact, so not a parent: record what it was.
     exported = reward is not None and reward.artifact is None
     plain_reward = models.base_identity(reward.base) if exported else None

@@ -17,13 +17,13 @@ from align.recipe import Recipe
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one reward adapter. Returns the artifact on the main process, None on other ranks."""
-    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="preference", head="score")
+    inputs = training.prepare(recipe, registry, resume=resume, say=say)
     recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
     chat_template = recipe.model.chat_template
     from trl import RewardConfig, RewardTrainer
 
     # SEQ_CLS makes PEFT train and save the score head with the adapter.
-    trainer = training.build_trainer(RewardTrainer, RewardConfig, inputs, task_type="SEQ_CLS",
+    trainer = training.build_trainer(RewardTrainer, RewardConfig, inputs,
                                      center_rewards_coefficient=recipe.reward.center_rewards_coefficient)
 
     # Judge on the eval pairs the trainer itself keeps: TRL drops pairs longer than max_length (counted for the
@@ -59,7 +59,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     }
     scores = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
     normalisation = {"mean": after["reward_mean"], "std": after["reward_std"]}
-    return training.publish_adapter(trainer, inputs, task_type="SEQ_CLS", metrics=metrics,
+    return training.publish_adapter(trainer, inputs, metrics=metrics,
                                     train_metrics=train_metrics, files={"eval_scores.json": scores},
                                     adapter_extra={"score_head": "saved in the adapter (modules_to_save)",
                                                    "normalisation": normalisation})

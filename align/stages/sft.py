@@ -15,12 +15,12 @@ from align.recipe import Recipe
 
 def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = print) -> Artifact | None:
     """Train and publish one SFT adapter. Returns the artifact on the main process, None on other ranks."""
-    inputs = training.prepare(recipe, registry, resume=resume, say=say, rows="sft")
+    inputs = training.prepare(recipe, registry, resume=resume, say=say)
     recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
     chat_template = recipe.model.chat_template
     from trl import SFTConfig, SFTTrainer
 
-    trainer = training.build_trainer(SFTTrainer, SFTConfig, inputs, task_type="CAUSAL_LM",
+    trainer = training.build_trainer(SFTTrainer, SFTConfig, inputs,
                                      packing=recipe.train.packing,
                                      completion_only_loss=recipe.sft.completion_only_loss)
 
@@ -49,5 +49,5 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     # Only the main process generated replies, and only it writes files.
     sample_rows = [{"prompt": prompt, "before": b, "after": a} for prompt, b, a in
                    zip(sample_prompts, replies_before, replies_after, strict=True)] if runtime.is_main_process() else []
-    return training.publish_adapter(trainer, inputs, task_type="CAUSAL_LM", metrics=metrics,
+    return training.publish_adapter(trainer, inputs, metrics=metrics,
                                     train_metrics=train_metrics, files={"samples.json": sample_rows})
