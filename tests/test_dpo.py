@@ -73,6 +73,6 @@ def test_every_loss_type_runs_a_step(pairs_artifact: Path, sft_registry: Path) -
                                     "dpo.label_smoothing=0.001", "train.max_steps=1", "data.limit=16",
                                     "data.eval_limit=8"], stage="dpo")
     artifact = dpo.run(recipe, Registry(sft_registry), say=lambda _: None)
-    assert artifact.manifest["dpo"]["loss_type"] == list(DPO_LOSS_TYPES)
-    assert artifact.manifest["metrics"]["global_step"] == 1
-    assert math.isfinite(artifact.manifest["metrics"]["train_loss"])
+    assert artifact.manifest.dpo.loss_type == list(DPO_LOSS_TYPES)
+    assert artifact.manifest.metrics.global_step == 1
+    assert math.isfinite(artifact.manifest.metrics.train_loss)

@@ -286,7 +286,7 @@ def test_eval_and_report_tables_show_an_unmeasured_kl_as_a_dash() -> None:
 
     from rich.console import Console
 
-    from align.cli import eval_table
+    from align.console import eval_table
     from align.report.extract import frontier_series
     from align.report.html import render_comparison
     from align.report.plots import plot_frontier

@@ -106,7 +106,7 @@ def test_exported_sft_model_reproduces_the_adapter_model(sft_registry: Path, run
     assert generation["bos_token_id"] == tokenizer.bos_token_id
     record = json.loads((out / "align_export.json").read_text())
     assert record["source"]["ref"] == "tiny-sft@v2" and record["merged_adapters"] == ["tiny-sft@v2"]
-    assert record["base_model"] == artifact.manifest["base_model"] and record["packages"]["transformers"]
+    assert record["base_model"] == artifact.manifest.base_model.model_dump() and record["packages"]["transformers"]
 
 
 def test_exported_reward_model_reproduces_its_scores(reward_artifact: Path, sft_registry: Path,

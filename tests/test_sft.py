@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from align.artifacts import REQUIRED_MANIFEST_KEYS
 from align.hashing import sha256_file
+from align.manifest import Manifest
 from tests.conftest import REPO, TINY_SFT, align_env, interrupt_after_first_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def test_two_runs_publish_v1_then_v2_with_complete_manifests(sft_registry: Path)
     assert versions == ["v1", "v2"]
     for version in (1, 2):
         m = manifest(sft_registry, "tiny-sft", version)
-        assert set(REQUIRED_MANIFEST_KEYS) <= set(m)
+        assert set(Manifest.model_fields) <= set(m)
         assert (m["name"], m["version"], m["ref"], m["stage"]) == ("tiny-sft", version, f"tiny-sft@v{version}", "sft")
         data_file = REPO / "data_cards" / "demo" / "sft.jsonl"
         assert m["data"][0]["files"] == [{"path": str(data_file), "sha256": sha256_file(data_file)}]

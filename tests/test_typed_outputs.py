@@ -18,11 +18,17 @@ from align.stages import STAGES
 FIXTURES = Path(__file__).parent / "fixtures" / "v0"
 
 
-def test_every_output_of_the_suite_validates_strictly(dpo_artifact: Path, reward_artifact: Path,
-                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
-    # Everything this pytest session published so far: the shared chain plus what earlier test files trained.
-    root = tmp_path_factory.getbasetemp()
-    manifests = sorted(root.glob("**/v[0-9]*/manifest.json"))
+def test_every_output_of_the_suite_validates_strictly(dpo_artifact: Path, reward_artifact: Path, sft_registry: Path,
+                                                      run_align: Callable, tmp_path: Path) -> None:
+    # One evaluation made here (in a copy, so the session's artifacts stay as other tests left them), beside
+    # everything published into the session registry so far: the shared chain, plus what earlier test files
+    # trained and evaluated there in a full run (ppo, grpo, rloo).
+    copy = tmp_path / "registry"
+    shutil.copytree(sft_registry, copy, ignore=shutil.ignore_patterns(".runs"))
+    result = run_align("eval", "tiny-dpo@v1", "--data", "data_cards/tiny-story-prompts.yaml", "--limit", "2",
+                       "--num-samples", "1", "--max-new-tokens", "8", "--reward", "tiny-rm@v1", "--registry", copy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifests = sorted(sft_registry.glob("*/v[0-9]*/manifest.json"))
     stages = set()
     for path in manifests:
         raw = json.loads(path.read_text())
@@ -32,8 +38,7 @@ def test_every_output_of_the_suite_validates_strictly(dpo_artifact: Path, reward
         assert manifest.model_dump(mode="json") == raw  # nothing dropped, nothing added
         stages.add(manifest.stage)
     assert {"sft", "pairs", "reward", "dpo"} <= stages, stages
-    evals = sorted(root.glob("**/v[0-9]*/eval.json"))
-    assert (dpo_artifact / "eval.json") in evals
+    evals = [*sorted(sft_registry.glob("*/v[0-9]*/eval.json")), copy / "tiny-dpo" / "v1" / "eval.json"]
     for path in evals:
         raw = json.loads(path.read_text())
         assert EvalResult.read(path).model_dump(mode="json") == raw, path
