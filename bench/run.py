@@ -20,6 +20,7 @@ from pathlib import Path
 
 from align.artifacts import Registry
 from align.eval_result import EvalResult
+from align.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 HELP_TARGET_S = 0.5
@@ -33,13 +34,6 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     return time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-HEADLINES = {
-    "sft": ("eval_loss_before", "eval_loss"),
-    "pairs": ("pairs_train", "pairs_eval", "judge_mean", "replies_per_second"),
-    "reward": ("eval_accuracy_before", "eval_accuracy", "eval_pairs"),
-    "dpo": ("eval_reward_accuracy", "eval_reward_margin"),
-    "ppo": ("eval_score_before", "eval_score", "kl_last"),
-}
 DPO_RSS_TARGET = 1.3  # x the SFT run's peak RSS: the reference is the same weights, adapter disabled
 PPO_RSS_TARGET = 0.4  # x the peak RSS of the same PPO holding four model copies (policy, reference, value, reward)
 PPO_MEMORY_STEPS = 2
@@ -50,7 +44,7 @@ def headline(registry: Path, stage: str) -> str:
     for artifact in Registry(registry).list():
         if artifact.manifest.stage == stage:
             metrics = artifact.manifest.metrics
-            return ", ".join(f"{key} {getattr(metrics, key):.3g}" for key in HEADLINES[stage])
+            return ", ".join(f"{key} {getattr(metrics, key):.3g}" for key in STAGES[stage].headline)
     return "published nothing"
 
 

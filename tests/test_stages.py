@@ -29,6 +29,8 @@ def test_each_stage_has_its_command_section_readme_row_and_tiny_recipe(name: str
     recipe = load_recipe(REPO / "recipes" / "tiny" / f"{name}.yaml")
     assert recipe.stage == name
     assert typing.get_args(stage.manifest.model_fields["stage"].annotation) == (name,)
+    metrics = stage.manifest.model_fields["metrics"].annotation
+    assert set(stage.headline) <= set(metrics.model_fields), "bench headlines name metrics the stage records"
 
 
 def test_policy_stages_are_what_eval_accepts() -> None:

@@ -44,6 +44,7 @@ class Stage:
     produces: Product
     task_type: Literal["CAUSAL_LM", "SEQ_CLS"] | None  # of the adapter it trains; None: it trains none
     manifest: type[Manifest]
+    headline: tuple[str, ...]  # the metrics that say how a run went (bench tables); fields of its metrics model
     resumable: bool = True
 
     @property
@@ -247,20 +248,27 @@ class PairsManifest(Manifest):
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("sft", "Supervised fine-tuning with LoRA: a data card of conversations -> a versioned adapter.",
-          reads="sft", produces="policy", task_type="CAUSAL_LM", manifest=SftManifest),
+          reads="sft", produces="policy", task_type="CAUSAL_LM", manifest=SftManifest,
+          headline=("eval_loss_before", "eval_loss")),
     Stage("pairs", "Preference pairs: sample K replies per prompt from a policy, label them with a judge -> a "
           "versioned card.", reads="prompts", produces="dataset", task_type=None, manifest=PairsManifest,
+          headline=("pairs_train", "pairs_eval", "judge_mean", "replies_per_second"),
           resumable=False),
     Stage("reward", "Reward model with LoRA + score head on preference pairs -> a versioned reward adapter.",
-          reads="preference", produces="reward", task_type="SEQ_CLS", manifest=RewardManifest),
+          reads="preference", produces="reward", task_type="SEQ_CLS", manifest=RewardManifest,
+          headline=("eval_accuracy_before", "eval_accuracy", "eval_pairs")),
     Stage("dpo", "Direct preference optimisation from an SFT artifact; the reference is the same model, adapter "
-          "off.", reads="preference", produces="policy", task_type="CAUSAL_LM", manifest=DpoManifest),
+          "off.", reads="preference", produces="policy", task_type="CAUSAL_LM", manifest=DpoManifest,
+          headline=("eval_reward_accuracy", "eval_reward_margin")),
     Stage("ppo", "PPO from an SFT artifact with a reward artifact: policy, value and reward adapters on one base "
-          "model.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=PpoManifest),
+          "model.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=PpoManifest,
+          headline=("eval_score_before", "eval_score", "kl_last")),
     Stage("grpo", "GRPO (TRL): group-relative policy optimisation with a reward artifact and/or a reward "
-          "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=GrpoManifest),
+          "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=GrpoManifest,
+          headline=("reward_first", "reward_last", "kl_last")),
     Stage("rloo", "RLOO (TRL): REINFORCE with a leave-one-out baseline, with a reward artifact and/or a reward "
-          "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=RlooManifest),
+          "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=RlooManifest,
+          headline=("reward_first", "reward_last", "kl_last")),
 )}
 
 
