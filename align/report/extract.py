@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from align.eval_result import EvalResult
-from align.stages import DpoManifest, GrpoManifest, PpoManifest, RlooManifest
+from align.stages import STAGES, stages_producing
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact
@@ -175,7 +175,7 @@ class FrontierPoint:
     label: str  # the stage's KL coefficient from its settings, e.g. "β=0.1"; else the ref
 
 
-_FRONTIER_STAGE_ORDER = ("sft", "dpo", "ppo", "grpo", "rloo")
+_FRONTIER_STAGE_ORDER = stages_producing("policy")  # registry order: sft first, then the methods
 
 Frontier = dict[str, dict[str, list[FrontierPoint]]]
 
@@ -215,12 +215,12 @@ def frontier_series(evals: list[tuple[Artifact, EvalResult]]) -> Frontier:
 
 
 def coefficient_label(artifact: Artifact) -> str:
-    """`β=0.1` / `kl_coef=0.05` / `target_kl=6` from the stage's settings; the ref for stages without one."""
-    match artifact.manifest:
-        case PpoManifest(ppo=section) if section.target_kl is not None:
-            return f"target_kl={section.target_kl:g}"
-        case PpoManifest(ppo=section):
-            return f"kl_coef={section.kl_coef:g}"
-        case DpoManifest(dpo=section) | GrpoManifest(grpo=section) | RlooManifest(rloo=section):
-            return f"β={section.beta:g}"
+    """`β=0.1` / `kl_coef=0.05` / `target_kl=6` from the stage's settings (its registry entry's `kl_settings`,
+    first one set); the ref for stages without one."""
+    manifest = artifact.manifest
+    section = getattr(manifest, STAGES[manifest.stage].section, None)
+    for name in STAGES[manifest.stage].kl_settings:
+        value = getattr(section, name, None)
+        if value is not None:
+            return f"{'β' if name == 'beta' else name}={value:g}"
     return artifact.ref

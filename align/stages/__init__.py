@@ -46,6 +46,9 @@ class Stage:
     manifest: type[Manifest]
     headline: tuple[str, ...]  # the metrics that say how a run went (bench tables); fields of its metrics model
     resumable: bool = True
+    # The settings (in its section, first set one wins) that hold its pull towards the parent: the report
+    # labels its reward-KL frontier points with them.
+    kl_settings: tuple[str, ...] = ()
 
     @property
     def section(self) -> str:
@@ -259,16 +262,16 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           headline=("eval_accuracy_before", "eval_accuracy", "eval_pairs")),
     Stage("dpo", "Direct preference optimisation from an SFT artifact; the reference is the same model, adapter "
           "off.", reads="preference", produces="policy", task_type="CAUSAL_LM", manifest=DpoManifest,
-          headline=("eval_reward_accuracy", "eval_reward_margin")),
+          headline=("eval_reward_accuracy", "eval_reward_margin"), kl_settings=("beta",)),
     Stage("ppo", "PPO from an SFT artifact with a reward artifact: policy, value and reward adapters on one base "
           "model.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=PpoManifest,
-          headline=("eval_score_before", "eval_score", "kl_last")),
+          headline=("eval_score_before", "eval_score", "kl_last"), kl_settings=("target_kl", "kl_coef")),
     Stage("grpo", "GRPO (TRL): group-relative policy optimisation with a reward artifact and/or a reward "
           "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=GrpoManifest,
-          headline=("reward_first", "reward_last", "kl_last")),
+          headline=("reward_first", "reward_last", "kl_last"), kl_settings=("beta",)),
     Stage("rloo", "RLOO (TRL): REINFORCE with a leave-one-out baseline, with a reward artifact and/or a reward "
           "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest=RlooManifest,
-          headline=("reward_first", "reward_last", "kl_last")),
+          headline=("reward_first", "reward_last", "kl_last"), kl_settings=("beta",)),
 )}
 
 
