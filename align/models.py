@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from align.errors import ArtifactError, ModelError
 from align.hashing import sha256_file
 from align.manifest import BaseFile, BaseIdentity, ChainEntry
+from align.stages import STAGES, stages_producing
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -238,6 +239,12 @@ def resolve_starting_point(recipe: Recipe, registry: Registry) -> StartingPoint:
         base = resolve_base(section.base or "", recipe.path.parent, section.revision, section.trust_remote_code)
         return StartingPoint(base, None, [])
     parent = registry.resolve(section.from_)
+    produces = STAGES[parent.manifest.stage].produces
+    if produces != "policy":
+        use = "name it as data.card" if produces == "dataset" else f"name it as {recipe.stage}.reward_model"
+        raise ArtifactError(f"{recipe.path}: model.from: {parent.ref} is a {produces} artifact (from `align "
+                            f"{parent.manifest.stage}`), not a model to start from; start from a policy "
+                            f"({', '.join(stages_producing('policy'))}) or a base model, and {use}")
     base = BaseModelSpec.from_manifest(parent.manifest.base_model)
     return StartingPoint(base, parent, adapter_chain(parent))
 

@@ -11,12 +11,11 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from align.errors import RecipeError
 from align.hashing import sha256_json
-from align.yamlio import describe_validation_error, load_yaml
+from align.yamlio import apply_override, describe_validation_error, load_yaml
 
 
 def _stage_sections() -> dict[str, frozenset[str]]:
@@ -82,7 +81,8 @@ class LoraSection(_Section):
 class TrainSection(_Section):
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="Positive: stop after this many optimizer steps (overrides epochs)")
+    max_steps: int = Field(-1, description="Positive: stop after this many optimizer steps (overrides epochs); "
+                                           "-1: train for num_train_epochs")
     per_device_train_batch_size: int = Field(8, gt=0)
     per_device_eval_batch_size: int = Field(16, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -102,6 +102,14 @@ class TrainSection(_Section):
     save_total_limit: int = Field(2, gt=0)
     report_to: list[str] = Field(default_factory=lambda: ["none"])
     dataloader_num_workers: int = Field(0, ge=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"{value} is not a step count: use a positive number of optimizer steps, or -1 to "
+                             "train for num_train_epochs")
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -343,27 +351,6 @@ class Recipe(_Section):
         return sha256_json(self.to_dict())
 
 
-def _apply_override(data: dict, override: str, lines: dict) -> None:
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {override}: '{'.'.join(parts[: depth + 1])}' is not a section")
-        node = child
-    node[parts[-1]] = value
-    lines[tuple(parts)] = f"--set {override}"
-
-
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None) -> Recipe:
     """Read, override and validate a recipe; every mistake becomes one RecipeError naming file, line and key."""
     path = Path(path)
@@ -374,7 +361,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections, not {type(data).__name__}")
     data = copy.deepcopy(data)
     for override in overrides:
-        _apply_override(data, override, lines)
+        apply_override(data, override, lines, RecipeError)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

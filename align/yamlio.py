@@ -20,16 +20,68 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that records the 1-based line of each mapping key and sequence item."""
 
 
-def _compose_with_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
+# Bounds on what one YAML document may expand to: aliases can make a few lines stand for billions of values
+# ("billion laughs"), and deep nesting exhausts the recursion of every reader after the parser.
+MAX_EXPANDED_NODES = 100_000
+MAX_DEPTH = 64
+
+
+class YamlShapeError(ValueError):
+    """A document that parses but that align refuses: a duplicated key, too many values, too deep."""
+
+    def __init__(self, problem: str, line: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], depth: int = 0) -> int:
+    """How many values `node` stands for once every alias is expanded (memoised per node, so a document built
+    to explode is measured in linear time), refusing nesting deeper than MAX_DEPTH on the way."""
+    if depth > MAX_DEPTH:
+        raise YamlShapeError(f"nested more than {MAX_DEPTH} levels deep", node.start_mark.line + 1)
+    if id(node) not in sizes:
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, depth + 1) for child in children)
+    return sizes[id(node)]
+
+
+def _compose_with_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], seen: set[int]) -> None:
+    """Record the line of every key and item; refuse a key given twice in one mapping (YAML keeps the last one
+    silently). Each node is walked once, however many aliases point at it."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in first_line:
+                    raise YamlShapeError(f"key '{key_node.value}' is given twice (first on line "
+                                         f"{first_line[key_node.value]}); keep one", line)
+                first_line[key_node.value] = line
             key_path = (*path, key_node.value)
-            lines[key_path] = key_node.start_mark.line + 1
-            _compose_with_lines(value_node, key_path, lines)
+            lines[key_path] = line
+            _compose_with_lines(value_node, key_path, lines, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[(*path, index)] = item.start_mark.line + 1
-            _compose_with_lines(item, (*path, index), lines)
+            _compose_with_lines(item, (*path, index), lines, seen)
+
+
+def check_shape(node: yaml.Node | None) -> dict[KeyPath, int]:
+    """The key -> line map of a composed document, after refusing duplicated keys, documents that expand past
+    MAX_EXPANDED_NODES values and nesting deeper than MAX_DEPTH (YamlShapeError, with the line)."""
+    lines: dict[KeyPath, int] = {}
+    if node is None:
+        return lines
+    size = _expanded_size(node, {})
+    if size > MAX_EXPANDED_NODES:
+        raise YamlShapeError(f"the document expands to {size} values through its aliases (&/*); at most "
+                             f"{MAX_EXPANDED_NODES} are accepted")
+    _compose_with_lines(node, (), lines, set())
+    return lines
 
 
 def load_yaml(path: Path, error: type[AlignError]) -> tuple[Any, dict[KeyPath, int]]:
@@ -40,20 +92,60 @@ def load_yaml(path: Path, error: type[AlignError]) -> tuple[Any, dict[KeyPath, i
         raise error(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: cannot read: {exc}") from None
+    return parse_yaml(text, str(path), error)
+
+
+def parse_yaml(text: str, source: str, error: type[AlignError], hint: str = "") -> tuple[Any, dict[KeyPath, int]]:
+    """Parse YAML `text` read from `source` (a file name, or e.g. `--set KEY=VALUE`) within the bounds of
+    `check_shape`; the data and its key -> line map. Problems raise `error` naming source (and line, for a
+    text of several lines); `hint` is added to a syntax error."""
+
+    def where(line: int | None) -> str:
+        return f"{source}:{line}" if line and "\n" in text.strip() else source
+
     try:
         node = yaml.compose(text, Loader=_LineLoader)
+        lines = check_shape(node)
         data = yaml.load(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise error(f"{where}: YAML syntax error: {problem}") from None
+        raise error(f"{where(mark.line + 1 if mark else None)}: YAML syntax error: {problem}{hint}") from None
     except yaml.YAMLError as exc:
-        raise error(f"{path}: YAML error: {exc}") from None
-    lines: dict[KeyPath, int] = {}
-    if node is not None:
-        _compose_with_lines(node, (), lines)
+        raise error(f"{source}: YAML error: {exc}{hint}") from None
+    except YamlShapeError as exc:
+        raise error(f"{where(exc.line)}: {exc.problem}") from None
+    except RecursionError:  # the parser itself recurses once per level of nesting
+        raise error(f"{source}: nested too deeply to read (at most {MAX_DEPTH} levels)") from None
     return data, lines
+
+
+def _override_value(key: str, raw: str, error: type[AlignError]) -> Any:
+    """A `--set` value read as YAML (numbers, lists and booleans keep their type), bounded like a recipe file.
+    Text that is not valid YAML is refused rather than passed on as a raw string (a list missing its bracket
+    would otherwise reach PEFT as a regular expression)."""
+    short = raw if len(raw) <= 80 else raw[:77] + "..."
+    hint = f"; quote it to pass text, e.g. {key}='...'"
+    return parse_yaml(raw, f"--set {key}={short}", error, hint)[0] if raw.strip() else ""
+
+
+def apply_override(data: dict, override: str, lines: dict, error: type[AlignError]) -> None:
+    """Set `KEY.PATH=VALUE` (a `--set`) in the parsed document `data`, recording its origin in `lines`."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise error(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    value = _override_value(key.strip(), raw, error)
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise error(f"--set {override}: '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+    lines[tuple(parts)] = f"--set {override}"
 
 
 def format_key_path(path: KeyPath) -> str:
