@@ -6,6 +6,7 @@ Shared by recipes and data cards so both report mistakes the same way.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,14 @@ def apply_override(data: dict, override: str, lines: dict, error: type[AlignErro
     lines[tuple(parts)] = f"--set {override}"
 
 
+def clipped_repr(value: Any, width: int = 80) -> str:
+    """repr() of a value for an error message, cut to `width` characters: the value may be megabytes long."""
+    clipper = reprlib.Repr()
+    clipper.maxstring = clipper.maxother = width
+    text = clipper.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def format_key_path(path: KeyPath) -> str:
     out = ""
     for part in path:
@@ -194,7 +203,7 @@ def describe_validation_error(
             text = err["msg"]
             shows_input = err["type"] not in ("value_error", "assertion_error")
             if "input" in err and shows_input and not isinstance(err["input"], dict):
-                text += f" (got {err['input']!r})"
+                text += f" (got {clipped_repr(err['input'])})"
         messages.append(f"{where}: {format_key_path(loc)}: {text}")
     extra = len(exc.errors()) - max_errors
     if extra > 0:

@@ -37,6 +37,8 @@ RECIPE_CASES = {
     "alias bomb": (alias_bomb() + "stage: sft\n", ("recipe.yaml", "expands to", "aliases")),
     "deep nesting": ("stage: sft\ndescription: " + "[" * 5000 + "]" * 5000 + "\n", ("recipe.yaml", "nested")),
     "moderately deep": ("stage: sft\ndescription: " + "[" * 100 + "]" * 100 + "\n", ("recipe.yaml:2", "nested")),
+    "huge wrong value": ("stage: sft\nname: a\nmodel:\n  base: m\ndata:\n  card: c.yaml\ntrain:\n  seed: "
+                         + "x" * 1_000_000 + "\n", ("recipe.yaml:8", "train.seed", "...")),
     "max_steps 0": ("stage: sft\nname: a\nmodel:\n  base: m\ndata:\n  card: c.yaml\ntrain:\n  max_steps: 0\n",
                     ("recipe.yaml:8", "train.max_steps", "0 is not a step count")),
     "max_steps -5": ("stage: sft\nname: a\nmodel:\n  base: m\ndata:\n  card: c.yaml\ntrain:\n  max_steps: -5\n",
