@@ -27,6 +27,7 @@ from align.errors import ArtifactError
 from align.hashing import sha256_file
 from align.manifest import MANIFEST_FILE, Manifest, ParentEntry
 from align.records import describe_record_error, write_atomic
+from align.stages import stage_manifest
 
 if TYPE_CHECKING:
     from align.lineage import LineageNode
@@ -278,8 +279,6 @@ class Registry:
         staging_dir = Path(staging_dir)
         if not staging_dir.is_dir():
             raise ValueError(f"staging directory {staging_dir} does not exist")
-        from align.stages import stage_manifest
-
         model = stage_manifest(str(fields.get("stage")), f"manifest for {name!r}")
         identity = {"schema_version": model.SCHEMA_VERSION, "name": name, "version": 0, "ref": f"{name}@v0",
                     "created": datetime.now(UTC).isoformat(timespec="seconds")}

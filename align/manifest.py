@@ -1,7 +1,7 @@
 """The manifest every artifact carries (`NAME/vN/manifest.json`), as typed models.
 
 `Manifest` holds what every stage records (where the weights came from, parents, data, recipe, device,
-packages, git, duration); each stage's own subclass (declared beside its entry in `align.stages`) adds its
+packages, git, duration); each stage's own subclass (in `align.stages.outputs`, named by its registry entry) adds its
 metrics model and its details (`adapter`, its settings section). Stages build one and the registry writes it;
 everything that reads an artifact gets it back validated, through `Manifest.read`.
 
@@ -19,6 +19,7 @@ from pydantic import Field
 
 from align.errors import ArtifactError
 from align.records import Record, Strict, load_json
+from align.stages import stage_manifest
 
 MANIFEST_FILE = "manifest.json"
 
@@ -120,7 +121,7 @@ class ValueAdapterInfo(AdapterInfo):
 
 
 class Metrics(Strict):
-    """A stage's metrics; each stage declares its own subclass (`align.stages`)."""
+    """A stage's metrics; each stage declares its own subclass (`align.stages.outputs`)."""
 
 
 class Manifest(Record):
@@ -173,16 +174,10 @@ class Manifest(Record):
         """`Manifest.parse` dispatches on `stage` to the stage's own model; a stage's model parses itself."""
         if cls is not Manifest:
             return super().parse(data, source)
-        from align.stages import stage_manifest
-
         stage = data.get("stage") if isinstance(data, dict) else None
         if not isinstance(stage, str):
             raise ArtifactError(f"{source}: field stage: missing or not a string")
         return stage_manifest(stage, source).parse(data, source)
-
-    def parent(self, role: str) -> ParentEntry | None:
-        """The first parent recorded in `role`."""
-        return next((entry for entry in self.parents if entry.role == role), None)
 
     @property
     def started_from(self) -> str:

@@ -15,14 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from align.errors import RecipeError
 from align.hashing import sha256_json
+from align.stages import STAGES
 from align.yamlio import apply_override, describe_validation_error, load_yaml
 
 
 def _stage_sections() -> dict[str, frozenset[str]]:
-    """The optional sections each stage takes, from the stage registry (which imports this module's section
-    classes for its manifests, so it is read at validation time, not imported at module level)."""
-    from align.stages import STAGES
-
+    """The optional sections each stage takes, from the stage registry."""
     return {name: stage.sections for name, stage in STAGES.items()}
 
 

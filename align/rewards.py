@@ -31,7 +31,7 @@ from align import judges, models, scoring
 from align.errors import ArtifactError, RecipeError
 from align.export import ExportRecord
 from align.manifest import ChainEntry, Normalisation
-from align.stages import OnlineReward, RewardManifest
+from align.stages.outputs import OnlineReward, RewardManifest
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact, Registry

@@ -21,6 +21,13 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_cli_builds_no_pydantic_model_to_start() -> None:
+    """`align --help` reads the stage registry; the manifest models behind it load only when a manifest does."""
+    code = "import sys, align.cli; print(sorted({'pydantic', 'align.recipe', 'align.manifest'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_help_lists_every_command(run_align: Callable) -> None:
     result = run_align("--help")
     assert result.returncode == 0
