@@ -104,6 +104,16 @@ def base_identity(base: BaseModelSpec) -> BaseIdentity:
                         trust_remote_code=base.trust_remote_code, files=files)
 
 
+# Set by the bad-input tests: any weight load then fails loudly, proving a refusal came before the weights.
+WEIGHTS_GUARD_ENV = "ALIGN_FORBID_WEIGHTS"
+
+
+def guard_weight_loading(what: str) -> None:
+    """Raise (a bug, exit 1) if weights are about to load while `$ALIGN_FORBID_WEIGHTS` is set."""
+    if os.environ.get(WEIGHTS_GUARD_ENV):
+        raise RuntimeError(f"{WEIGHTS_GUARD_ENV} is set but {what} was about to load weights")
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
@@ -113,6 +123,7 @@ def _gguf_to_hf_dir(gguf_path: Path) -> Path:
     target = _cache_root() / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
     if (target / "config.json").exists():
         return target
+    guard_weight_loading(f"dequantising {gguf_path}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +194,7 @@ def load_base_model(base: BaseModelSpec, dtype: Any = None, head: str = "causal_
     """The base weights with a language-model head, or (head='score') a fresh scalar score head for rewards."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    guard_weight_loading(f"model.base {base.spec}")
     location, kwargs = _load_location(base)
     if head == "score":
         auto, kwargs = AutoModelForSequenceClassification, {**kwargs, "num_labels": 1}

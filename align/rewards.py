@@ -113,6 +113,7 @@ class RewardModel:
     def _load_directory(self, dtype: Any) -> Any:
         from transformers import AutoModelForSequenceClassification
 
+        models.guard_weight_loading(f"the reward model {self.source}")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(self.source, dtype=dtype)
         except Exception as exc:  # transformers raises many types for a directory that is not such a model
