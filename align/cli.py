@@ -84,11 +84,15 @@ def _run_stage(stage: Stage, recipe_path: Path, overrides: list[str] | None, res
     if code is not None:  # the launched processes ran the stage
         raise typer.Exit(code)
     notes = show.console(stderr=True)
-    artifact = stage.run(recipe, _registry(registry, recipe.output.root), resume=resume,
-                         say=lambda text: notes.print(f"[yellow]{escape(text)}[/yellow]"))
-    if artifact is not None:
-        show.console().print(show.summary_table(artifact))
-        show.console().print(f"published {artifact.ref} -> {artifact.path}", markup=False)
+    reg = _registry(registry, recipe.output.root)
+    reg.check_writable(recipe.name)  # a registry it cannot publish into is refused before any model loads
+    # SIGTERM/SIGINT anywhere in the run (loading, training, evaluating, publishing) -> exit 143, nothing published.
+    with runtime.interruptible(resume_hint=stage.resumable):
+        artifact = stage.run(recipe, reg, resume=resume,
+                             say=lambda text: notes.print(f"[yellow]{escape(text)}[/yellow]"))
+        if artifact is not None:
+            show.console().print(show.summary_table(artifact))
+            show.console().print(f"published {artifact.ref} -> {artifact.path}", markup=False)
 
 
 def _stage_command(stage: Stage) -> Any:
@@ -176,6 +180,7 @@ def eval_(
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             batch_size=batch_size, judge=judge, reward=reward)
     artifact = reg.resolve(ref)
+    reg.check_can_add(artifact)  # eval.json goes beside the artifact: refuse a read-only one before sampling
     result = evaluate_artifact(artifact, reg, settings, card.path)
     show.console().print(show.eval_table(result))
     show.console().print(show.examples_table(result))
@@ -244,14 +249,34 @@ def export(
 def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
     """Check a recipe: schema, unknown keys, and that its data card and model/artifact references exist."""
     from align.data import load_card, resolve_card
-    from align.models import resolve_starting_point
+    from align.models import check_lora_targets, resolve_starting_point
     from align.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
     reg = _registry(registry, recipe.output.root)
     card = load_card(resolve_card(recipe.data.card, recipe.path.parent, reg)[0])
-    resolve_starting_point(recipe, reg)
+    start = resolve_starting_point(recipe, reg)
+    _check_scorers(recipe, reg)
+    if STAGES[recipe.stage].task_type is not None:
+        check_lora_targets(start.base, recipe.lora, STAGES[recipe.stage].task_type, str(recipe.path))
     show.console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
+
+
+def _check_scorers(recipe: Any, reg: Any) -> None:
+    """The stage section's judge, reward function and reward model resolve and import, without any weights."""
+    from align.judges import JudgeError, check_judge
+    from align.rewards import recipe_reward_model
+
+    section = getattr(recipe, recipe.stage, None)
+    for field in ("judge", "reward_function"):
+        spec = getattr(section, field, None)
+        if spec is not None:
+            try:
+                check_judge(spec, reg, recipe.path.parent)
+            except JudgeError as exc:
+                raise JudgeError(f"{recipe.path}: {recipe.stage}.{field}: {exc}") from None
+    if getattr(section, "reward_model", None) is not None:
+        recipe_reward_model(recipe, reg)
 
 
 @recipe_app.command("show")
@@ -292,27 +317,75 @@ def recipe_deps(
 
 @data_app.command("validate")
 def data_validate(
-    card_path: CardArg,
+    card_path: Annotated[str | None, typer.Argument(
+        help="Data card YAML file, or a dataset artifact NAME@vN [default: the --recipe's data.card].",
+        show_default=False)] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Model (dir, hub id, .gguf) for token-length stats.")] = None,
     chat_template: Annotated[str, typer.Option(help="auto | default | none, as in a recipe.")] = "auto",
+    max_length: Annotated[int | None, typer.Option(
+        min=1, help="With --tokenizer: what each stage reading this card drops and cuts at this train.max_length.")
+    ] = None,
+    recipe_path: Annotated[Path | None, typer.Option(
+        "--recipe", help="Check the card as this recipe's stage reads it: data.limit, the starting model's "
+                         "tokenizer, chat template and train.max_length; exit 2 where the stage would refuse.")
+    ] = None,
+    overrides: SetOpt = None,
     registry: RegistryOpt = None,
 ) -> None:
-    """Load every row of a card: counts, rejected rows with their line, token-length percentiles."""
-    from align.data import load_data, token_length_percentiles
+    """Load every row of a card: counts, rejected and dropped rows with their line, columns no field reads,
+    token-length percentiles, and what the trainers drop at a max_length."""
+    from align.data import load_data
+    from align.data.report import validation_report
     from align.errors import DataError
-    from align.scoring import length_counter
 
-    card = _card(card_path, registry)
-    data = load_data(card, strict=False)
+    if recipe_path is None and card_path is None:
+        raise AlignError("name a data card, or a recipe with --recipe")
+    if recipe_path is not None and (tokenizer or max_length or chat_template != "auto"):
+        raise AlignError("--recipe takes the tokenizer, chat template and max_length from the recipe; drop "
+                         "--tokenizer/--chat-template/--max-length (change the recipe with --set instead)")
+    if recipe_path is None and (overrides or (max_length and not tokenizer)):
+        raise AlignError("--set needs --recipe, and --max-length needs --tokenizer MODEL")
+    if recipe_path is not None:
+        recipe, card, tokenizer_obj = _recipe_view(recipe_path, overrides, card_path, registry)
+        chat_template, max_length = recipe.model.chat_template, recipe.train.max_length
+        data = load_data(card, limit=recipe.data.limit, eval_limit=recipe.data.eval_limit, strict=False)
+    else:
+        from align.models import load_tokenizer, resolve_base
+
+        recipe, card = None, _card(card_path, registry)  # type: ignore[arg-type]
+        data = load_data(card, strict=False)
+        tokenizer_obj = load_tokenizer(resolve_base(tokenizer, Path.cwd()), chat_template) if tokenizer else None
     out = show.console()
-    out.print(show.card_summary(card_path, card, data))
-    if tokenizer:
-        count = length_counter(tokenizer, chat_template)
-        stats = {split: token_length_percentiles(rows, count) for split, rows in
-                 (("train", data.train), ("eval", data.eval)) if rows}
-        out.print(show.token_length_table(stats))
+    out.print(show.card_summary(card_path or str(card.path), card, data))
+    lines, refusal = validation_report(data, tokenizer_obj, chat_template, max_length, recipe)
+    for line in lines:
+        out.print(line, markup=False)
     if data.rejected and card.on_malformed == "error":
-        raise DataError(f"{card_path}: {len(data.rejected)} malformed row(s); fix them or set on_malformed: skip")
+        raise DataError(f"{card.path}: {len(data.rejected)} malformed row(s); fix them or set on_malformed: skip")
+    if refusal is not None:
+        raise refusal
+
+
+def _recipe_view(recipe_path: Path, overrides: list[str] | None, card_path: str | None,
+                 registry: Path | None) -> tuple[Any, Any, Any]:
+    """`data validate --recipe`: the recipe, the card it reads (or CARD), and its starting model's tokenizer (with
+    the recipe's chat template), as the stage gets them; no weights."""
+    from align.data import get_format, load_card, resolve_card
+    from align.errors import DataError
+    from align.models import load_tokenizer, resolve_starting_point
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    reg = _registry(registry, recipe.output.root)
+    card = _card(card_path, registry) if card_path else load_card(
+        resolve_card(recipe.data.card, recipe.path.parent, reg)[0])
+    if get_format(card.format).kind != STAGES[recipe.stage].reads:
+        raise DataError(f"{card.path}: format '{card.format}' is not what `align {recipe.stage}` reads "
+                        f"({STAGES[recipe.stage].reads} rows)")
+    start = resolve_starting_point(recipe, reg)
+    tokenizer = load_tokenizer(start.base, recipe.model.chat_template,
+                               saved_in=start.parent.path if start.parent else None)
+    return recipe, card, tokenizer
 
 
 @data_app.command("preview")
@@ -362,6 +435,29 @@ def artifacts_lineage(
 ) -> None:
     """The parent chain down to the base model, with data cards at every step."""
     show.console().print(show.lineage_tree(_registry(registry).lineage(ref)))
+
+
+@artifacts_app.command("verify")
+def artifacts_verify(
+    refs: Annotated[list[str] | None, typer.Argument(help="NAME@vN, NAME@latest, NAME (every version) or a path; "
+                                                          "default: every artifact.", show_default=False)] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Re-hash every file recorded at publish (and added since, like eval.json): one line per problem, exit 2 if any."""
+    from align.integrity import verify_version
+
+    reg = _registry(registry)
+    checks = [verify_version(path, ref) for ref, path in reg.verify_targets(refs or [])]
+    if not checks:
+        typer.echo(f"no artifacts in {reg.root}")
+    for check in checks:
+        for line in check.lines():
+            typer.echo(line)
+    damaged = [check for check in checks if check.damaged]
+    if damaged:
+        problems = sum(len(check.damaged) for check in damaged)
+        raise AlignError(f"{problems} damaged file(s) in {len(damaged)} of {len(checks)} artifact version(s): "
+                         f"{', '.join(check.ref for check in damaged)}")
 
 
 def main(argv: list[str] | None = None) -> None:

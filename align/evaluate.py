@@ -266,5 +266,5 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
                                             strict=True))[:: settings.num_samples][:8]
         ],
     })
-    result.write(artifact.path / EVAL_FILE)
+    registry.add_file(artifact, EVAL_FILE, result.to_json())  # recorded, so `align artifacts verify` checks it
     return result

@@ -7,7 +7,9 @@ everything that reads an artifact gets it back validated, through `Manifest.read
 
 Schema history: version 0 (no `schema_version`, written before typed manifests) lacks `adapter.max_length`
 (the reward reading length, then only in `recipe.train.max_length`) and may lack metrics that were only
-written when measured (they read as null).
+written when measured (they read as null). Version 2 adds `files`, the size and SHA-256 of every file the
+artifact was published with (`align artifacts verify`); versions 0 and 1 read with `files: null` (no record).
+Version 2 also changed the stages' row counts (see `align.stages.outputs`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,13 @@ class ValueAdapterInfo(AdapterInfo):
     value: str  # where the PPO value adapter and head are
 
 
+class FileRecord(Strict):
+    """One file as it was written: what `align artifacts verify` re-hashes and stages check the size of."""
+
+    sha256: str
+    size: int
+
+
 class Metrics(Strict):
     """A stage's metrics; each stage declares its own subclass (`align.stages.outputs`)."""
 
@@ -127,7 +136,7 @@ class Metrics(Strict):
 class Manifest(Record):
     """What every artifact records. Subclasses fix `stage` to one value and add their metrics and details."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     schema_version: int
     name: str
@@ -152,9 +161,14 @@ class Manifest(Record):
     python: str
     git: GitState
     duration_s: float
+    # Every file of the version directory at publish (relative POSIX path -> record), manifest.json excepted;
+    # None: written before schema 2, nothing recorded. Files added later have their own record (`integrity`).
+    files: dict[str, FileRecord] | None
 
     @classmethod
     def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version < 2:
+            data.setdefault("files", None)
         if version == 0 and isinstance(data.get("adapter"), dict) and "max_length" not in data["adapter"]:
             train = (data.get("recipe") or {}).get("train") or {}
             data["adapter"] = {**data["adapter"], "max_length": train.get("max_length")}

@@ -7,17 +7,24 @@ A GGUF file is dequantised once into a cached Hugging Face directory (`$ALIGN_CA
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align.errors import ArtifactError, ModelError
+from align import integrity
+from align.errors import ArtifactError, ModelError, RecipeError
 from align.hashing import sha256_file
 from align.manifest import BaseFile, BaseIdentity, ChainEntry
 from align.stages import STAGES, stages_producing
+from align.yamlio import clipped_repr
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -201,11 +208,43 @@ def load_base_model(base: BaseModelSpec, dtype: Any = None, head: str = "causal_
     else:
         auto = AutoModelForCausalLM
     try:
-        return auto.from_pretrained(location, dtype=dtype or "auto", **kwargs)
+        with _expected_head_report_silenced(head):
+            return auto.from_pretrained(location, dtype=dtype or "auto", **kwargs)
     except Exception as exc:
         if base.kind == "hub":
             raise _hub_error(base, exc) from None
         raise ModelError(f"model.base: cannot load the model from {location}: {exc}") from None
+
+
+# A causal LM loaded under a fresh score head: transformers reports the new head as MISSING and the unused
+# output layer as UNEXPECTED. Both are by design (the head is trained, or comes from the adapter), so that one
+# report is dropped; any other key in it (a damaged or different checkpoint) keeps the whole report visible.
+_EXPECTED_SCORE_HEAD_REPORT = {("score.weight", "MISSING"), ("lm_head.weight", "UNEXPECTED")}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REPORT_ROW = re.compile(r"^(\S+)\s*\|\s*([A-Z_]+)\s*\|", re.MULTILINE)
+
+
+class _ExpectedHeadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = _ANSI.sub("", record.getMessage())
+        if "LOAD REPORT" not in text:
+            return True
+        rows = {(key, status) for key, status in _REPORT_ROW.findall(text) if key != "Key"}
+        return not rows or not rows <= _EXPECTED_SCORE_HEAD_REPORT
+
+
+@contextmanager
+def _expected_head_report_silenced(head: str) -> Iterator[None]:
+    if head != "score":
+        yield
+        return
+    reporter = logging.getLogger("transformers.modeling_utils")
+    silencer = _ExpectedHeadReport()
+    reporter.addFilter(silencer)
+    try:
+        yield
+    finally:
+        reporter.removeFilter(silencer)
 
 
 def merge_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
@@ -214,10 +253,11 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
 
     if not (adapter_dir / "adapter_config.json").exists():
         raise ArtifactError(f"{adapter_dir}: no adapter_config.json; the artifact is incomplete")
-    config = PeftConfig.from_pretrained(str(adapter_dir))
-    # Merging needs no task head; without this a CAUSAL_LM adapter refuses a model with a score head.
-    config.task_type = None
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
+    with integrity.loading_adapter(adapter_dir):  # damage the check before loading missed: one clear error
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        # Merging needs no task head; without this a CAUSAL_LM adapter refuses a model with a score head.
+        config.task_type = None
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
 
 
 def adapter_chain(artifact: Artifact) -> list[ChainEntry]:
@@ -226,10 +266,7 @@ def adapter_chain(artifact: Artifact) -> list[ChainEntry]:
 
 
 def _chain_adapter_dir(entry: ChainEntry, registry: Registry) -> Path:
-    path = Path(entry.path)
-    if (path / "adapter_config.json").exists():
-        return path
-    return registry.resolve(entry.ref).adapter_path
+    return integrity.chain_adapter_dir(entry, registry)
 
 
 @dataclass
@@ -257,6 +294,7 @@ def resolve_starting_point(recipe: Recipe, registry: Registry) -> StartingPoint:
         raise ArtifactError(f"{recipe.path}: model.from: {parent.ref} is a {produces} artifact (from `align "
                             f"{parent.manifest.stage}`), not a model to start from; start from a policy "
                             f"({', '.join(stages_producing('policy'))}) or a base model, and {use}")
+    integrity.check_loadable(parent, registry, f"{recipe.path}: model.from")  # damaged files: refused before weights
     base = BaseModelSpec.from_manifest(parent.manifest.base_model)
     return StartingPoint(base, parent, adapter_chain(parent))
 
@@ -279,13 +317,15 @@ def load_artifact_model(artifact: Artifact, registry: Registry, dtype: Any = Non
 
     if not (artifact.adapter_path / "adapter_config.json").exists():
         raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact with no adapter")
+    integrity.check_loadable(artifact, registry)  # its files and its chain's, before any weights
     start = StartingPoint(BaseModelSpec.from_manifest(artifact.manifest.base_model), None,
                           list(artifact.manifest.adapter_chain))
     tokenizer = load_tokenizer(start.base, "auto", saved_in=artifact.path)
     model = load_starting_model(start, registry, dtype, head=head)
     if head == "score":
         model.config.pad_token_id = tokenizer.pad_token_id
-    return PeftModel.from_pretrained(model, str(artifact.adapter_path)).eval(), tokenizer
+    with integrity.loading_adapter(artifact.adapter_path):
+        return PeftModel.from_pretrained(model, str(artifact.adapter_path)).eval(), tokenizer
 
 
 def load_reward_model(artifact: Artifact, registry: Registry, dtype: Any = None) -> tuple[Any, Any]:
@@ -359,6 +399,50 @@ def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM") -> LoraConfi
         layers_to_transform=section.layers_to_transform,
         task_type=task_type,
     )
+
+
+def _config_location(base: BaseModelSpec) -> tuple[str, dict[str, Any]]:
+    """Where a base model's config reads from without touching its weights (a GGUF file's own metadata
+    until it has been dequantised into the cache)."""
+    if base.kind == "gguf":
+        gguf = Path(base.location)
+        cached = _cache_root() / "gguf" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
+        return (str(cached), {}) if (cached / "config.json").exists() else (str(gguf.parent), {"gguf_file": gguf.name})
+    return _load_location(base)
+
+
+def check_lora_targets(base: BaseModelSpec, section: LoraSection, task_type: str, where: str) -> None:
+    """Apply the recipe's LoRA to the base model's skeleton on the meta device (no weights are read or
+    allocated): `target_modules` or `layers_to_transform` that match no module are a recipe error now, not PEFT's
+    traceback after the model has loaded. Adapters merged from a chain do not rename modules, so the base's
+    skeleton is the model the stage trains. Skipped when the config itself cannot be read (the loader then
+    says why)."""
+    import torch
+    from peft import get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    location, kwargs = _config_location(base)
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except Exception:  # unreachable hub, odd directory: the real loader reports it with context
+        return
+    auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    if task_type == "SEQ_CLS":
+        config.num_labels = 1
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=base.trust_remote_code)
+    try:
+        with warnings.catch_warnings():  # PEFT's deprecation notices about the skeleton are not the user's concern
+            warnings.simplefilter("ignore")
+            get_peft_model(skeleton, lora_config(section, task_type))
+    except NoMatchingPeftModuleError:
+        linear = sorted({name.rpartition(".")[2] for name, module in skeleton.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        layers = (f" in layers {clipped_repr(section.layers_to_transform)} (it has "
+                  f"{getattr(config, 'num_hidden_layers', '?')})" if section.layers_to_transform is not None else "")
+        raise RecipeError(f"{where}: lora.target_modules {clipped_repr(section.target_modules)}{layers} match no "
+                          f"module of {base.spec}; its linear layers are named: {', '.join(linear)}") from None
 
 
 def torch_dtype(precision: str) -> Any:

@@ -283,7 +283,8 @@ def _refuse_output_layer_adapters(lora: LoraSection) -> None:
 
 class Recipe(_Section):
     stage: str = Field(description="The stage this recipe runs: `align <stage> RECIPE` (see align.stages)")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Artifact name to publish under")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,  # artifacts.MAX_NAME_LENGTH
+                      description="Artifact name to publish under")
     description: str = ""
     model: ModelSection
     data: DataSection

@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align import judges, models, scoring
+from align import integrity, judges, models, scoring
 from align.errors import ArtifactError, RecipeError
 from align.export import ExportRecord
 from align.manifest import ChainEntry, Normalisation
@@ -65,6 +65,7 @@ class RewardModel:
         if not isinstance(manifest, RewardManifest):
             raise ArtifactError(f"{needed_by} needs a reward artifact: {artifact.ref} is a {manifest.stage} "
                                 "artifact, not a reward model (train one with `align reward`)")
+        integrity.check_loadable(artifact, None, needed_by)  # damaged files: refused here, before any weights
         adapter = manifest.adapter
         return cls(artifact.ref, needed_by, models.BaseModelSpec.from_manifest(manifest.base_model),
                    list(manifest.adapter_chain), adapter.chat_template, adapter.max_length, adapter.normalisation,
@@ -268,7 +269,7 @@ def resolve(recipe: Recipe, registry: Registry) -> RewardSpec:
     parents = [(reward.artifact, "reward")] if reward is not None and reward.artifact is not None else []
     judge = None
     if section.reward_function is not None:
-        judge, judge_artifact = judges.load_judge(section.reward_function, registry)
+        judge, judge_artifact = judges.load_judge(section.reward_function, registry, recipe.path.parent)
         if judge_artifact is not None:
             parents.append((judge_artifact, "reward_function"))
     return RewardSpec(reward, stage_normalisation(recipe, reward), section.reward_function,

@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
-from align import models, runtime
+from align import models, redaction, runtime
 from align.artifacts import Artifact, Registry, git_state, package_versions, parent_entry
 from align.data import LoadedData, get_format, load_card, load_data, resolve_card
+from align.data.lengths import recipe_max_length
+from align.data.report import unknown_columns_note
 from align.device import detect_device, resolve_device_defaults
 from align.errors import DataError, RecipeError, StageInterrupted
 from align.generation import to_plain_text_row
@@ -114,6 +116,7 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     stage = STAGES[recipe.stage]
     rows, head = stage.reads, "score" if stage.task_type == "SEQ_CLS" else "causal_lm"
     trackers(recipe.train.report_to)
+    runtime.signal_point("load-data")
     card_path, data_parent = resolve_card(recipe.data.card, recipe.path.parent, registry)
     card = load_card(card_path)
     kind = get_format(card.format).kind
@@ -123,14 +126,22 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     data = load_data(card, limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
     if rows == "preference" and not data.eval:
         raise DataError(f"{card.path}: the eval split is empty; `align {recipe.stage}` is judged on held-out pairs")
+    if data.unknown_columns:
+        say(unknown_columns_note(data))
     start = models.resolve_starting_point(recipe, registry)
-    device = detect_device()
-    recipe = resolve_device_defaults(recipe, device)
-    run = open_run(recipe, registry, start, data.summary(), device, resume, data_parent)
-    for note in run.notes:
-        say(note)
+    models.check_lora_targets(start.base, recipe.lora, stage.task_type, str(recipe.path))
     tokenizer = models.load_tokenizer(start.base, recipe.model.chat_template,
                                       saved_in=start.parent.path if start.parent else None)
+    # Rows the trainer would drop for their length come off here, with the tokenizer only: a max_length that
+    # leaves nothing to train on is refused before any weights load, and the metrics count what was trained on.
+    summary = data.summary()
+    data = recipe_max_length(data, recipe, tokenizer)
+    device = detect_device()
+    recipe = resolve_device_defaults(recipe, device)
+    run = open_run(recipe, registry, start, summary, device, resume, data_parent)
+    for note in run.notes:
+        say(note)
+    runtime.signal_point("load-model")
     model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision), head)
     if head == "score":
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -204,11 +215,13 @@ def trainer_args(run: StageRun) -> dict[str, Any]:
 
 def train(trainer: Any, run: StageRun) -> dict[str, Any]:
     """trainer.train() that resumes from the run's checkpoint and turns SIGTERM into checkpoint-then-stop."""
-    with runtime.interruptible() as flag:
+    with runtime.interruptible(resume_hint=True) as flag:
         trainer.add_callback(runtime.trainer_stop_callback(flag))
         flag.in_training_loop = True
-        output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-        flag.in_training_loop = False
+        try:
+            output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        finally:
+            flag.in_training_loop = False
         if flag.requested:
             raise StageInterrupted(
                 f"interrupted at step {trainer.state.global_step}; a checkpoint is in {run.checkpoints}. "
@@ -245,8 +258,8 @@ def publish_adapter(trainer: Any, inputs: StageInputs, *, metrics: dict[str, Any
         "train_runtime_s": train_metrics.get("train_runtime"),
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "global_step": trainer.state.global_step,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
+        **data.counts(),  # rows read, dropped by reason, and used (train_rows, eval_rows)
+        "train_rows_truncated": data.train_truncated,
     }
     adapter_dir = save_adapter(trainer, run)
 
@@ -276,8 +289,19 @@ def perplexity(loss: float | None) -> float | None:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
+def sort_adapter_targets(directory: Path) -> None:
+    """PEFT saves `target_modules` from a set, in an order that changes with every process's string hashing;
+    sorted, the same run writes the same adapter_config.json (the determinism test compares artifact files)."""
+    for path in directory.rglob("adapter_config.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(redaction.redact(data), indent=2, ensure_ascii=False, default=str) + "\n",
+                    encoding="utf-8")
 
 
 def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details: dict[str, Any],
@@ -299,9 +323,9 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
             **run.start.manifest_entries(),
             "parents": parents,
             "data": [run.data_summary],
-            "recipe": recipe.to_dict(),
+            "recipe": redaction.redact(recipe.to_dict()),
             "recipe_path": str(recipe.path),
-            "recipe_overrides": list(recipe.overrides),
+            "recipe_overrides": [redaction.redact_override(override) for override in recipe.overrides],
             "recipe_sha256": recipe.sha256(),
             "seed": recipe.train.seed,
             "metrics": metrics,
@@ -316,13 +340,16 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
         }
         with run.registry.staging(recipe.name) as staging:
             write_files(staging)
+            sort_adapter_targets(staging)
             # Tracker logs (TensorBoard event files) of the run: TRL's under checkpoints/runs, ours under logs/.
             for logs in (run.run_dir / "logs", run.checkpoints / "runs"):
                 if logs.is_dir():
                     shutil.copytree(logs, staging / "logs", dirs_exist_ok=True)
             write_json(staging / "metrics.json", metrics)
-            (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-            artifact = run.registry.publish(staging, recipe.name, manifest)
+            (staging / "recipe.yaml").write_text(yaml.safe_dump(manifest["recipe"], sort_keys=False), encoding="utf-8")
+            runtime.signal_point("publish")
+            with runtime.uninterruptible():  # from the manifest write on, the version completes or never exists
+                artifact = run.registry.publish(staging, recipe.name, manifest)
         shutil.rmtree(run.run_dir, ignore_errors=True)
     runtime.wait_for_everyone()
     return artifact

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from align.errors import AlignError
+from align.redaction import REDACTED, is_secret_path, redact_override
 
 KeyPath = tuple[str | int, ...]
 
@@ -126,6 +127,7 @@ def _override_value(key: str, raw: str, error: type[AlignError]) -> Any:
     Text that is not valid YAML is refused rather than passed on as a raw string (a list missing its bracket
     would otherwise reach PEFT as a regular expression)."""
     short = raw if len(raw) <= 80 else raw[:77] + "..."
+    short = REDACTED if is_secret_path(key) else short  # a secret is never echoed
     hint = f"; quote it to pass text, e.g. {key}='...'"
     return parse_yaml(raw, f"--set {key}={short}", error, hint)[0] if raw.strip() else ""
 
@@ -143,10 +145,10 @@ def apply_override(data: dict, override: str, lines: dict, error: type[AlignErro
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise error(f"--set {override}: '{'.'.join(parts[: depth + 1])}' is not a section")
+            raise error(f"--set {redact_override(override)}: '{'.'.join(parts[: depth + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
-    lines[tuple(parts)] = f"--set {override}"
+    lines[tuple(parts)] = f"--set {redact_override(override)}"
 
 
 def clipped_repr(value: Any, width: int = 80) -> str:

@@ -26,7 +26,7 @@ from align.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "v0"
-IDENTITY = ("schema_version", "name", "version", "ref", "created")
+IDENTITY = ("schema_version", "name", "version", "ref", "created", "files")
 
 
 def manifest(stage: str = "sft", parents: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -151,53 +151,92 @@ def test_missing_required_key_is_value_error_and_publishes_nothing(reg: Registry
     assert list((reg.root / "sft").iterdir()) == []  # staging removed, lock never taken
 
 
+PUBLISHES_EACH = 2
+
 WORKER = textwrap.dedent(
-    """
-    import sys
+    f"""
+    import os, sys
     from align.artifacts import Registry
     sys.path.insert(0, sys.argv[2])
     from test_artifacts import manifest
     reg = Registry(sys.argv[1])
     print("ready", flush=True)
     sys.stdin.readline()  # barrier: every process waits here until all have started
-    with reg.staging("shared") as d:
-        (d / "payload").write_text(str(__import__("os").getpid()))
-        art = reg.publish(d, "shared", manifest())
-    print(art.version, flush=True)
+    for round in range({PUBLISHES_EACH}):
+        with reg.staging("shared") as d:
+            (d / "payload").write_text(f"{{os.getpid()}}-{{round}}")
+            (d / "adapter").mkdir()
+            (d / "adapter" / "weights.bin").write_bytes(os.urandom(64 * 1024))  # a version takes a while to write
+            art = reg.publish(d, "shared", manifest())
+        print(art.version, flush=True)
+    """
+)
+
+# `align artifacts list`, `show` and `verify` in a loop, in-process (one interpreter start, many reads), until the
+# stop file appears; any error escapes and fails the process. `verify` re-hashes every listed version, so a version
+# seen half-written (a file missing or short) fails it. Prints the number of rounds.
+READER = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    from pathlib import Path
+    from align.cli import app
+    root, stop = sys.argv[1], Path(sys.argv[2])
+    commands = [["artifacts", "list", "--registry", root], ["artifacts", "show", "shared@latest", "--registry", root],
+                ["artifacts", "verify", "shared", "--registry", root]]
+    print("ready", flush=True)
+    rounds = 0
+    while True:
+        last = stop.exists()
+        for args in commands:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                app(args, standalone_mode=False)
+            assert "shared" in out.getvalue(), out.getvalue()
+        rounds += 1
+        if last:
+            break
+    print(rounds, flush=True)
     """
 )
 
 
-def test_concurrent_publishers_get_distinct_versions(reg: Registry) -> None:
+def test_concurrent_publishers_get_distinct_versions_while_readers_read(reg: Registry, tmp_path: Path) -> None:
+    """8 processes publish 2 versions each of one name, racing, while a reader lists, shows and verifies it: versions
+    1..17 each published once, complete, and no reader ever errors or sees a half version."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(reg.root), str(Path(__file__).parent)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(8)
-    ]
-    for proc in procs:
+    with reg.staging("shared") as d:  # v1, so the readers have something from the start
+        (d / "payload").write_text("first")
+        reg.publish(d, "shared", manifest())
+    stop = tmp_path / "stop"
+
+    def start(code: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code, str(reg.root), *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    readers = [start(READER, str(stop))]
+    procs = [start(WORKER, str(Path(__file__).parent)) for _ in range(8)]
+    for proc in [*readers, *procs]:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     for proc in procs:
         proc.stdin.write("go\n")
         proc.stdin.flush()
     got = []
     for proc in procs:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        got.append(int(out.strip()))
-    assert sorted(got) == list(range(1, 9))
-    assert reg.versions("shared") == list(range(1, 9))
-    pids = set()
+        got += [int(line) for line in out.split()]
+    stop.touch()
+    for reader in readers:
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err[-3000:]
+        assert int(out.strip()) >= 2, "the reader never overlapped the publishers"
+    total = 1 + 8 * PUBLISHES_EACH
+    assert sorted(got) == list(range(2, total + 1))
+    assert reg.versions("shared") == list(range(1, total + 1))
+    payloads = set()
     for art in reg.list("shared"):
         assert art.manifest.version == art.version
-        pids.add((art.path / "payload").read_text())
-    assert len(pids) == 8
+        payloads.add((art.path / "payload").read_text())
+    assert len(payloads) == total
     assert not [p for p in (reg.root / "shared").iterdir() if p.name.startswith(".staging-")]
 
 

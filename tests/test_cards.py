@@ -188,6 +188,61 @@ def test_limits_and_explicit_eval_path(tmp_path: Path) -> None:
     assert len(data.files) == 2
 
 
+# ---------------------------------------------------------------- where, unknown columns, every row accounted for
+
+
+def thumbs(i: int, up: object) -> dict:
+    """An unpaired thumbs-up/down row: a conversation and whether its reply was liked."""
+    return {**qa(i), "label": up, "rater": "r1"}
+
+
+def test_unknown_columns_are_counted_and_where_keeps_only_matching_rows(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [thumbs(i, i % 3 != 0) for i in range(12)] + [qa(99)])
+    data = load_data(load_card(write_card(tmp_path, "eval:\n  size: 2\n")))
+    assert data.unknown_columns == {"label": 12, "rater": 12}  # messages reads none of them: SFT would imitate all
+    assert (len(data.train) + len(data.eval), data.filtered) == (13, 0)
+
+    data = load_data(load_card(write_card(tmp_path, "eval:\n  size: 2\nwhere: {label: true}\n")))
+    kept = {r["completion"][0]["content"] for r in data.train + data.eval}
+    assert kept == {f"answer {i}" for i in range(12) if i % 3 != 0}
+    assert data.filtered == 5 and data.unknown_columns == {"rater": 12}  # a missing column never matches
+
+
+@pytest.mark.parametrize(("cell", "wanted", "matches"), [
+    ("true", "true", True), ("True", "true", True), ("1", "1", True), ("1.5", "1.5", True), ("up", "up", True),
+    ("false", "true", False), ("yes", "true", False), ("2", "1", False),
+])
+def test_where_reads_csv_cells_as_text(cell: str, wanted: str, matches: bool, tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text(f"instruction,output,label\nq,a,{cell}\nq2,a2,other\n", encoding="utf-8")
+    card = write_card(tmp_path, f"eval:\n  fraction: 0\nwhere: {{label: {wanted}}}\n", path="data.csv", fmt="alpaca")
+    if not matches:
+        with pytest.raises(DataError, match=r"no usable rows .*\(2 filtered out by `where`\)"):
+            load_data(load_card(card))
+        return
+    assert [r["prompt"][0]["content"] for r in load_data(load_card(card)).train] == ["q"]
+
+
+def test_where_tells_booleans_from_numbers(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [thumbs(0, True), thumbs(1, 1), thumbs(2, "true"), thumbs(3, False)])
+    card = write_card(tmp_path, "eval:\n  fraction: 0\nwhere: {label: true}\n")
+    # true matches true and the text "true" (how CSV spells it), never the number 1 nor false.
+    assert [r["prompt"][0]["content"] for r in load_data(load_card(card)).train] == ["question 0", "question 2"]
+    with pytest.raises(DataError, match=r"where\.label"):
+        load_card(write_card(tmp_path, "where: {label: [a, b]}\n"))
+
+
+def test_every_row_read_is_accounted_for(tmp_path: Path) -> None:
+    rows = [json.dumps(thumbs(i, True)) for i in range(10)] + ["not json"] + [json.dumps(thumbs(i, False))
+                                                                             for i in range(10, 13)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    data = load_data(load_card(write_card(tmp_path, "eval:\n  size: 3\nwhere: {label: true}\non_malformed: skip\n")),
+                     limit=4)
+    counts = data.counts()
+    assert counts["rows_read"] == 14 and (counts["train_rows"], counts["eval_rows"]) == (4, 3)
+    assert counts["rows_dropped"] == {"malformed": 1, "tie": 0, "filtered": 3, "limit": 3, "too_long": 0}
+    assert counts["rows_read"] == counts["train_rows"] + counts["eval_rows"] + sum(counts["rows_dropped"].values())
+
+
 # ---------------------------------------------------------------- other readers and sources
 
 

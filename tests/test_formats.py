@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from align.data import FORMATS, DroppedRow, RowError, convert_row, get_format
+from align.data.converters import LabelMapNeeded
 from align.errors import DataError
 
 
@@ -204,29 +205,52 @@ def test_sharegpt_preference_object_list_system_and_renamed_keys() -> None:
     assert convert("sharegpt_preference", renamed, **fields) == PAIR
 
 
+ALPACA_EVAL = {1: "answer_a", 2: "answer_b", 0: "tie"}  # AlpacaEval's `preference`: 1 = output_1, 2 = output_2
+
+
 @pytest.mark.parametrize(
-    ("label", "fields", "preferred"),
+    ("label", "fields", "label_map", "preferred"),
     [
-        ("answer_a", {}, "a"),
-        ("answer_b", {}, "b"),
-        ("A", {}, "a"),
-        ("b", {}, "b"),
-        (0, {}, "a"),
-        (1, {}, "b"),
-        ("1", {}, "b"),  # CSV cells are strings
-        ("response_2", {"answer_a": "response_1", "answer_b": "response_2"}, "b"),
-        ("answer_a", {"answer_a": "response_1", "answer_b": "response_2"}, "a"),
+        ("answer_a", {}, None, "a"),
+        ("answer_b", {}, None, "b"),
+        ("A", {}, None, "a"),
+        ("b", {}, None, "b"),
+        ("response_2", {"answer_a": "response_1", "answer_b": "response_2"}, None, "b"),
+        ("answer_a", {"answer_a": "response_1", "answer_b": "response_2"}, None, "a"),
+        # Integer labels are read only through the card's label_map, whatever their spelling.
+        (1, {}, ALPACA_EVAL, "a"),
+        (2, {}, ALPACA_EVAL, "b"),
+        ("2", {}, ALPACA_EVAL, "b"),  # a CSV cell is the integer spelled out
+        (2.0, {}, ALPACA_EVAL, "b"),  # parquet written by pandas with a NaN in the column
+        (0, {}, {"0": "answer_a", "1": "answer_b"}, "a"),  # quoted keys mean the same labels
+        ("b", {}, ALPACA_EVAL, "b"),  # text labels keep their meaning beside a map
     ],
 )
-def test_pairwise_label_values(label: object, fields: dict, preferred: str) -> None:
+def test_pairwise_label_values(label: object, fields: dict, label_map: dict | None, preferred: str) -> None:
     columns = {"answer_a": fields.get("answer_a", "answer_a"), "answer_b": fields.get("answer_b", "answer_b")}
     row = {"prompt": "q", columns["answer_a"]: "A!", columns["answer_b"]: [assistant("B!")], "label": label}
-    out = convert("pairwise_label", row, **fields)
+    labels = None if label_map is None else {str(k): v for k, v in label_map.items()}
+    out = convert_row(get_format("pairwise_label"), row, fields, {"label_map": labels})
     best, worst = ("A!", "B!") if preferred == "a" else ("B!", "A!")
     assert out == {"prompt": [user("q")], "chosen": [assistant(best)], "rejected": [assistant(worst)]}
 
 
-@pytest.mark.parametrize("label", ["tie", "Equal", "", None])
+@pytest.mark.parametrize("label", [0, 1, 2, "0", "1", " 1 ", 1.0])
+def test_pairwise_integer_label_without_a_map_is_never_guessed(label: object) -> None:
+    with pytest.raises(LabelMapNeeded, match=r"field 'label' holds the integer label .*label_map"):
+        convert("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": label})
+
+
+def test_pairwise_label_map_tie_and_unlisted_label() -> None:
+    fmt, row = get_format("pairwise_label"), {"prompt": "q", "answer_a": "x", "answer_b": "y"}
+    labels = {"1": "answer_a", "2": "answer_b", "0": "tie"}
+    with pytest.raises(DroppedRow, match="tie"):
+        convert_row(fmt, {**row, "label": 0}, {}, {"label_map": labels})
+    with pytest.raises(RowError, match=r"label 3 is not in the card's label_map \(labels: '1', '2', '0'\)"):
+        convert_row(fmt, {**row, "label": 3}, {}, {"label_map": labels})
+
+
+@pytest.mark.parametrize("label", ["tie", "Equal", "", None, float("nan")])
 def test_pairwise_label_tie_is_dropped_not_malformed(label: object) -> None:
     with pytest.raises(DroppedRow, match="tie") as info:
         convert("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": label})
@@ -301,7 +325,8 @@ def test_pairwise_label_tie_is_dropped_not_malformed(label: object) -> None:
             {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": "prompt"},
             "label 'prompt' names neither answer field",
         ),
-        ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": 2}, "label must be"),
+        ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": True}, "label must be"),
+        ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": 0.5}, "label must be"),
         ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "y"}, "missing field 'label'"),
         ("pairwise_label", {"prompt": "q", "answer_a": "x", "answer_b": "x", "label": "a"}, "identical"),
     ],

@@ -31,7 +31,7 @@ def pair(i: int, label: object) -> dict:
 
 
 def test_pairwise_ties_are_dropped_and_counted_even_when_strict(tmp_path: Path) -> None:
-    rows = [pair(0, "left"), pair(1, "right"), pair(2, "tie"), pair(3, None), pair(4, "B"), pair(5, 0)]
+    rows = [pair(0, "left"), pair(1, "right"), pair(2, "tie"), pair(3, None), pair(4, "B"), pair(5, "a")]
     write_jsonl(tmp_path / "data.jsonl", rows)
     body = "fields: {prompt: question, answer_a: left, answer_b: right}\neval:\n  fraction: 0\non_malformed: error\n"
     data = load_data(load_card(write_card(tmp_path, "data.jsonl", "pairwise_label", body)))
@@ -42,6 +42,46 @@ def test_pairwise_ties_are_dropped_and_counted_even_when_strict(tmp_path: Path) 
     ]
     assert [r["chosen"][0]["content"] for r in data.train] == ["left 0", "right 1", "right 4", "left 5"]
     assert data.summary()["dropped"] == 2 and data.summary()["rejected"] == 0
+
+
+def test_integer_labels_need_the_card_label_map_even_with_skip(tmp_path: Path) -> None:
+    """AlpacaEval's annotations: `preference` 1 = output_1 wins, 2 = output_2, 0 = tie. Without a map the load
+    fails (skipping or guessing would both read the data wrong); with one, each label means what the card says."""
+    rows = [pair(0, 1), pair(1, 2), pair(2, 0), pair(3, 2)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    fields = "fields: {prompt: question, answer_a: left, answer_b: right}\neval:\n  fraction: 0\n"
+    card = write_card(tmp_path, "data.jsonl", "pairwise_label", fields + "on_malformed: skip\n")
+    with pytest.raises(DataError, match=r"card.yaml: field 'label' holds the integer label 1, .*label_map: "
+                                        r"\{1: answer_a, 2: answer_b, 0: tie\}.*\(first at .*data.jsonl:1\)"):
+        load_data(load_card(card))
+    label_map = "label_map: {1: answer_a, 2: answer_b, 0: tie}\n"
+    card = write_card(tmp_path, "data.jsonl", "pairwise_label", fields + label_map)
+    data = load_data(load_card(card))
+    assert [r["chosen"][0]["content"] for r in data.train] == ["left 0", "right 1", "right 3"]
+    assert [r["rejected"][0]["content"] for r in data.train] == ["right 0", "left 1", "left 3"]
+    assert [d.reason for d in data.dropped] == ["tie (label 0)"]
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    ("format: pairwise_label\nlabel_map: {1: answer_a, 2: better}\n", "label_map.2"),
+    ("format: pairwise_label\nlabel_map: {1: answer_a, ' 1': answer_b}\n", "lists the same label twice"),
+    ("format: chosen_rejected\nlabel_map: {1: answer_a}\n", "only applies to the pairwise_label format"),
+    ("format: pairwise_label\nlabel_map: {true: answer_a}\n", "label_map"),
+])
+def test_label_map_is_checked_with_the_card(tmp_path: Path, body: str, problem: str) -> None:
+    card = tmp_path / "card.yaml"
+    card.write_text(f"name: t\ndescription: d\nlicense: MIT\nsource:\n  path: data.jsonl\n{body}", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"card.yaml(:\d+)?: .*{problem}"):
+        load_card(card)
+
+
+def test_csv_integer_labels_read_as_integers(tmp_path: Path) -> None:
+    """CSV cells are text: "1" and "2" are the integers spelled out and go through label_map (keys 1/2)."""
+    (tmp_path / "data.csv").write_text("prompt,answer_a,answer_b,label\nq0,x0,y0,1\nq1,x1,y1,2\nq2,x2,y2,0\n",
+                                       encoding="utf-8")
+    body = "eval:\n  fraction: 0\nlabel_map: {1: answer_b, 2: answer_a, 0: tie}\n"
+    data = load_data(load_card(write_card(tmp_path, "data.csv", "pairwise_label", body)))
+    assert [r["chosen"][0]["content"] for r in data.train] == ["y0", "x1"] and len(data.dropped) == 1
 
 
 def test_all_ties_is_no_usable_rows(tmp_path: Path) -> None:

@@ -185,3 +185,138 @@ def test_pairs_keep_open_reaches_dpo_unclosed_and_reward_still_trains(
                        "--set", "model.from=null", "--set", f"model.base={stories_dir}",
                        "--set", "data.card=cut-keep-open@v1", "--set", "train.max_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- train.max_length: what each trainer drops
+
+
+def pref_rows(count: int, prompt_words: int, chosen_words: int, rejected_words: int) -> list[dict[str, Any]]:
+    return [{"prompt": f"Once upon a time {'the cat ' * prompt_words}{i}",
+             "chosen": " the dog ran" + " far" * chosen_words, "rejected": " a fox sat" + " still" * rejected_words}
+            for i in range(count)]
+
+
+def canonical(row: dict[str, str], sft: bool = False) -> dict[str, Any]:
+    reply = {"role": "assistant", "content": row["chosen"]}
+    if sft:
+        return {"prompt": [{"role": "user", "content": row["prompt"]}], "completion": [reply]}
+    return {"prompt": [{"role": "user", "content": row["prompt"]}], "chosen": [reply],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+
+@pytest.mark.parametrize("chat_template", ["none", "auto"])
+def test_length_rules_are_trls(chat_template: str, stories_dir: Path, tmp_path: Path) -> None:
+    """The rows `align.data.lengths` says a trainer keeps at max_length are exactly the rows TRL's SFT, DPO and
+    Reward trainers keep (so prepare can drop them up front, and `data validate` can predict them)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    from align import models, training
+    from align.data.lengths import length_counter, length_policy, split_fates
+    from align.recipe import LoraSection
+
+    tokenizer = models.load_tokenizer(models.resolve_base(str(stories_dir), Path.cwd()), chat_template)
+    rows = [canonical(row) for n in (2, 12, 24) for row in pref_rows(3, n, n // 2, n)]
+    sft_rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in rows]
+    count = length_counter(tokenizer, chat_template)
+    max_length = 40 if chat_template == "none" else 60
+    cases = [("sft", sft_rows, SFTTrainer, SFTConfig), ("dpo", rows, DPOTrainer, DPOConfig),
+             ("reward", rows, RewardTrainer, RewardConfig)]
+    for stage, stage_rows, trainer_cls, config_cls in cases:
+        predicted = split_fates(stage_rows, [count(row) for row in stage_rows], length_policy(stage), max_length)
+        head = "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"
+        model = (AutoModelForSequenceClassification.from_pretrained(stories_dir, num_labels=1) if head == "SEQ_CLS"
+                 else AutoModelForCausalLM.from_pretrained(stories_dir))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = trainer_cls(model=model, args=config_cls(output_dir=str(tmp_path / stage), use_cpu=True,
+                                                           report_to=[], max_length=max_length),
+                              train_dataset=training.as_dataset(stage_rows, chat_template), processing_class=tokenizer,
+                              peft_config=models.lora_config(LoraSection(), head))
+        assert 0 < len(predicted.kept) < len(stage_rows), f"{stage}: the rows should straddle max_length"
+        assert len(trainer.train_dataset) == len(predicted.kept), stage
+
+
+def write_pref_card(directory: Path, train: list[dict[str, Any]], held: list[dict[str, Any]]) -> Path:
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
+        (directory / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    card = directory / "pairs.yaml"
+    card.write_text("name: pairs\ndescription: d\nlicense: MIT\nsource:\n  path: train.jsonl\n  eval_path: eval.jsonl\n"
+                    "format: chosen_rejected\n", encoding="utf-8")
+    return card
+
+
+def write_sft_card(directory: Path) -> Path:
+    (directory / "sft.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Tell me a story about the cat number {i}"},
+        {"role": "assistant", "content": "Once upon a time there was a cat."}]}) + "\n" for i in range(6)))
+    card = directory / "sft.yaml"
+    card.write_text("name: sft\ndescription: d\nlicense: MIT\nsource:\n  path: sft.jsonl\nformat: messages\n"
+                    "eval:\n  size: 2\n", encoding="utf-8")
+    return card
+
+
+REFUSALS = {
+    # stage: (recipe, card maker, max_length, fragments)
+    "sft": ("sft", lambda d: write_sft_card(d), 8, ("every train row (4)", "`align sft`", "shortest prompt is")),
+    "dpo": ("dpo", lambda d: write_pref_card(d, pref_rows(4, 6, 1, 1), pref_rows(2, 6, 1, 1)), 4,
+            ("every train row (4)", "`align dpo`", "shortest prompt is")),
+    "reward": ("reward", lambda d: write_pref_card(d, pref_rows(4, 6, 1, 1), pref_rows(2, 6, 1, 1)), 6,
+               ("every train row (4)", "`align reward`", "shortest pair (its longer sequence) is")),
+    "reward eval": ("reward", lambda d: write_pref_card(d, pref_rows(4, 1, 1, 1), pref_rows(2, 30, 1, 1)), 24,
+                    ("every eval row (2)", "`align reward`")),
+}
+
+
+def refusal_args(stage: str, card: Path, max_length: int, stories_dir: Path) -> list[str]:
+    return ["--set", f"data.card={card}", "--set", f"train.max_length={max_length}", "--set", "model.from=null",
+            "--set", f"model.base={stories_dir}", "--set", "data.limit=null"]
+
+
+def assert_length_refusal(stderr: str, card: Path, max_length: int, fragments: tuple[str, ...]) -> None:
+    assert stderr.startswith(f"error: {card}: every ") and "Traceback" not in stderr, stderr[-3000:]
+    assert f"train.max_length={max_length}" in stderr and "Raise train.max_length to at least" in stderr, stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+def test_max_length_below_every_row_is_refused_before_weights(stories_dir: Path, tmp_path: Path) -> None:
+    """Every example dropped at train.max_length (TRL would fail deep inside with num_samples=0): one DataError
+    naming the card, max_length and the shortest row, after the tokenizer loads and before any weights
+    (ALIGN_FORBID_WEIGHTS makes a weight load raise). Nothing is published, no run directory is left."""
+    import subprocess
+    import sys
+
+    from conftest import align_env
+
+    stage, make_card, max_length, fragments = REFUSALS["sft"]
+    card, registry = make_card(tmp_path), tmp_path / "registry"
+    result = subprocess.run([sys.executable, "-m", "align", stage, str(REPO / "recipes" / "tiny" / "sft.yaml"),
+                             "--registry", str(registry), *refusal_args(stage, card, max_length, stories_dir)],
+                            cwd=REPO, env={**align_env(tmp_path / "cache"), "ALIGN_FORBID_WEIGHTS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert_length_refusal(result.stderr, card, max_length, fragments)
+    assert not registry.exists() or not any(registry.rglob("*")), "a refused stage must leave nothing behind"
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_max_length_refusal_of_each_stage_and_of_data_validate(
+        case: str, stories_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same refusal from every stage with a max_length (and for an eval split left empty), and from
+    `data validate --recipe`, which predicts it. In-process through the CLI's entry point (`main`), like the
+    bad-input catalogue, so the cases cost no interpreter start each."""
+    from align.cli import main
+
+    stage, make_card, max_length, fragments = REFUSALS[case]
+    card, registry = make_card(tmp_path), tmp_path / "registry"
+    monkeypatch.setenv("ALIGN_FORBID_WEIGHTS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = str(REPO / "recipes" / "tiny" / f"{stage}.yaml")
+    for argv in ([stage, recipe, "--registry", str(registry)], ["data", "validate", "--recipe", recipe]):
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, *refusal_args(stage, card, max_length, stories_dir)])
+        stderr = capsys.readouterr().err
+        assert stopped.value.code == 2, stderr[-3000:]
+        assert_length_refusal(stderr, card, max_length, fragments)
+    assert not registry.exists() or not any(registry.rglob("*")), "a refused stage must leave nothing behind"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,14 +20,18 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from align.data.converters import DroppedRow, RowError
-from align.data.formats import FORMATS, convert_row, did_you_mean, get_format
+from align.data.converters import DroppedRow, LabelMapNeeded, RowError
+from align.data.formats import FORMATS, columns_read, convert_row, did_you_mean, get_format
 from align.data.readers import RawRows, read_files
 from align.errors import DataError
 from align.hashing import canonical_json, sha256_file
@@ -34,6 +39,7 @@ from align.yamlio import KeyPath, describe_validation_error, load_yaml
 
 MAX_REPORTED = 5
 _GLOB_CHARS = re.compile(r"[*?\[]")
+Scalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
 
 
 class Source(BaseModel):
@@ -87,6 +93,10 @@ class DataCard(BaseModel):
     eval: EvalSplit = Field(default_factory=EvalSplit)
     sha256: dict[str, str] = Field(default_factory=dict, description="Relative file path -> expected sha256.")
     on_malformed: Literal["error", "skip"] = "error"
+    where: dict[str, Scalar] = Field(default_factory=dict,
+                                     description="Column -> value: only rows where every column equals its value.")
+    label_map: dict[StrictInt | StrictStr, Literal["answer_a", "answer_b", "tie"]] | None = Field(
+        None, description="pairwise_label: what each label value means (integer labels need one).")
 
     _path: Path = PrivateAttr(default=Path("<memory>"))
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -116,6 +126,22 @@ class DataCard(BaseModel):
                 raise ValueError(f"'{key}': expected 64 lowercase hex digits, got {digest!r}")
         return value
 
+    @model_validator(mode="after")
+    def _label_map_applies(self) -> DataCard:
+        if self.label_map is None:
+            return self
+        if "label_map" not in getattr(FORMATS.get(self.format), "options", ()):
+            raise ValueError(f"label_map only applies to the pairwise_label format, not '{self.format}'")
+        texts = [str(key).strip() for key in self.label_map]
+        if len(set(texts)) < len(texts):
+            raise ValueError("label_map lists the same label twice (1 and '1' are the same label: CSV cells are text)")
+        return self
+
+    @property
+    def labels(self) -> dict[str, str] | None:
+        """`label_map` keyed by each label's text, as the converter compares them."""
+        return None if self.label_map is None else {str(k).strip(): v for k, v in self.label_map.items()}
+
     @property
     def path(self) -> Path:
         return self._path
@@ -124,7 +150,7 @@ class DataCard(BaseModel):
     def directory(self) -> Path:
         return self._path.parent
 
-    def where(self, *key: str | int) -> str:
+    def at(self, *key: str | int) -> str:
         """`card.yaml:LINE` for a key path, so file errors point back at the card line that named the file."""
         line = self._lines.get(tuple(key))
         return f"{self._path}:{line}" if line else str(self._path)
@@ -156,9 +182,16 @@ class RejectedRow:
     reason: str
 
 
+DROP_REASONS = ("malformed", "tie", "filtered", "limit", "too_long")
+
+
 @dataclass
 class LoadedData:
-    """Canonical train/eval rows of one card, what was rejected or dropped, and which files (with hashes) were read."""
+    """Canonical train/eval rows of one card, what was rejected or dropped, and which files (with hashes) were read.
+
+    Every row read is accounted for: `read` = train + eval + rejected (malformed, with on_malformed: skip) +
+    dropped (ties) + `filtered` (not matching the card's `where`) + `limited` (beyond data.limit/eval_limit) +
+    `too_long` (rows the stage's trainer would drop at its max_length, `align.data.lengths`)."""
 
     card: DataCard
     train: list[dict]
@@ -166,6 +199,12 @@ class LoadedData:
     rejected: list[RejectedRow] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)
     dropped: list[RejectedRow] = field(default_factory=list)
+    read: int = 0
+    filtered: int = 0
+    limited: int = 0
+    too_long: int = 0
+    train_truncated: int | None = None  # train rows kept but cut at max_length (None: the stage cuts nothing)
+    unknown_columns: dict[str, int] = field(default_factory=dict)  # column the format does not read -> rows
 
     def summary(self) -> dict:
         """Counts and file hashes for manifests and `align data validate`."""
@@ -180,10 +219,19 @@ class LoadedData:
             "files": self.files,
         }
 
+    def dropped_by_reason(self) -> dict[str, int]:
+        return dict(zip(DROP_REASONS, (len(self.rejected), len(self.dropped), self.filtered, self.limited,
+                                       self.too_long), strict=True))
+
+    def counts(self) -> dict:
+        """A stage's row metrics: rows read, dropped by reason and used (train/eval), which always add up."""
+        return {"rows_read": self.read, "rows_dropped": self.dropped_by_reason(), "train_rows": len(self.train),
+                "eval_rows": len(self.eval)}
+
 
 def _resolve(card: DataCard, spec: str | list[str], key: str) -> list[Path]:
     """Card-relative paths and globs -> existing files, in a stable order; nothing found is a DataError."""
-    where = card.where("source", key)
+    where = card.at("source", key)
     files: list[Path] = []
     for pattern in [spec] if isinstance(spec, str) else spec:
         target = card.directory / pattern
@@ -213,7 +261,7 @@ def _verify_hashes(card: DataCard, files: list[Path]) -> list[dict]:
         target = (card.directory / relative).resolve()
         if target not in digests:
             raise DataError(
-                f"{card.where('sha256', relative)}: sha256 lists '{relative}', which this card's source does not read"
+                f"{card.at('sha256', relative)}: sha256 lists '{relative}', which this card's source does not read"
             )
         if digests[target] != expected:
             raise DataError(
@@ -239,7 +287,7 @@ def _read_hub(card: DataCard) -> tuple[RawRows, dict]:
             "could not be reached (the hub is offline or unreachable from here)" if offline else "could not be loaded"
         )
         raise DataError(
-            f"{card.where('source', 'hub')}: hub dataset '{source.hub}' {problem}: {text.splitlines()[0]}. "
+            f"{card.at('source', 'hub')}: hub dataset '{source.hub}' {problem}: {text.splitlines()[0]}. "
             "Download it once and point source.path at the local file(s) instead."
         ) from None
     info = {
@@ -255,24 +303,51 @@ def _read_hub(card: DataCard) -> tuple[RawRows, dict]:
 # ---------------------------------------------------------------- loading
 
 
-def _convert_all(
-    card: DataCard, raw: Iterable[tuple[str, Any]]
-) -> tuple[list[dict], list[RejectedRow], list[RejectedRow]]:
-    """Converted rows, rejected (malformed) rows and dropped (well-formed but unusable, e.g. tied) rows."""
+@dataclass
+class _Converted:
+    rows: list[dict] = field(default_factory=list)
+    rejected: list[RejectedRow] = field(default_factory=list)
+    dropped: list[RejectedRow] = field(default_factory=list)
+    read: int = 0
+    filtered: int = 0
+    unknown: Counter = field(default_factory=Counter)
+
+
+def _matches(cell: Any, wanted: Any) -> bool:
+    """`where` equality. A CSV cell is text, so it matches a card's true/false/number by its usual spelling."""
+    if isinstance(cell, str) and wanted is not None and not isinstance(wanted, str):
+        text = str(wanted).lower() if isinstance(wanted, bool) else str(wanted)
+        return cell.strip().lower() == text
+    if isinstance(cell, bool) or isinstance(wanted, bool):
+        return cell is wanted
+    return cell == wanted
+
+
+def _convert_all(card: DataCard, raw: Iterable[tuple[str, Any]]) -> _Converted:
+    """Rows filtered by the card's `where`, converted; rejected (malformed) and dropped (well-formed but unusable,
+    e.g. tied) rows; columns the format does not read, with how many rows carry each."""
     fmt = get_format(card.format)
-    rows: list[dict] = []
-    rejected: list[RejectedRow] = []
-    dropped: list[RejectedRow] = []
+    known = columns_read(fmt, card.fields) | set(card.where)
+    options = {"label_map": card.labels}
+    out = _Converted()
     for location, item in raw:
+        out.read += 1
+        if isinstance(item, Mapping):
+            out.unknown.update(key for key in item if key not in known)
+            if not all(_matches(item.get(column), wanted) for column, wanted in card.where.items()):
+                out.filtered += 1
+                continue
         try:
             if isinstance(item, RowError):
                 raise item
-            rows.append(convert_row(fmt, item, card.fields))
+            out.rows.append(convert_row(fmt, item, card.fields, options))
         except RowError as exc:
-            rejected.append(RejectedRow(location, str(exc)))
+            out.rejected.append(RejectedRow(location, str(exc)))
         except DroppedRow as exc:
-            dropped.append(RejectedRow(location, str(exc)))
-    return rows, rejected, dropped
+            out.dropped.append(RejectedRow(location, str(exc)))
+        except LabelMapNeeded as exc:
+            raise DataError(f"{card.path}: {exc} (first at {location})") from None
+    return out
 
 
 def _eval_count(card: DataCard, n: int) -> int:
@@ -280,7 +355,7 @@ def _eval_count(card: DataCard, n: int) -> int:
     if card.eval.size is not None:
         if card.eval.size >= n:
             raise DataError(
-                f"{card.where('eval', 'size')}: eval.size {card.eval.size} leaves no training rows ({n} usable rows)"
+                f"{card.at('eval', 'size')}: eval.size {card.eval.size} leaves no training rows ({n} usable rows)"
             )
         return card.eval.size
     if card.eval.fraction == 0 or n < 2:
@@ -312,14 +387,14 @@ def load_data(
         hub_files = [info]
     else:
         train_files = _resolve(card, source.path, "path")  # type: ignore[arg-type]
-        raw, hub_files = read_files(card.where("source"), train_files), []
+        raw, hub_files = read_files(card.at("source"), train_files), []
     eval_files = _resolve(card, source.eval_path, "eval_path") if source.eval_path is not None else []
     files = hub_files + _verify_hashes(card, train_files + eval_files)
 
-    rows, rejected, dropped = _convert_all(card, raw)
-    eval_rows, eval_rejected, eval_dropped = _convert_all(card, read_files(card.where("source"), eval_files))
-    rejected += eval_rejected
-    dropped += eval_dropped
+    converted = _convert_all(card, raw)
+    held = _convert_all(card, read_files(card.at("source"), eval_files))
+    rows, eval_rows = converted.rows, held.rows
+    rejected, dropped = converted.rejected + held.rejected, converted.dropped + held.dropped
     if rejected and strict:
         shown = "\n".join(f"  {r.location}: {r.reason}" for r in rejected[:MAX_REPORTED])
         more = f"\n  ... and {len(rejected) - MAX_REPORTED} more" if len(rejected) > MAX_REPORTED else ""
@@ -330,13 +405,19 @@ def load_data(
     if not rows:
         note = f" ({len(rejected)} rejected, first: {rejected[0].location}: {rejected[0].reason})" if rejected else ""
         note += f" ({len(dropped)} dropped, first: {dropped[0].location}: {dropped[0].reason})" if dropped else ""
+        note += f" ({converted.filtered} filtered out by `where`)" if converted.filtered else ""
         what = ", ".join(str(p) for p in train_files) or f"hub dataset {source.hub}"
         raise DataError(f"{card.path}: no usable rows in {what}{note}")
     if eval_files and not eval_rows:
-        raise DataError(f"{card.where('source', 'eval_path')}: no usable rows in {', '.join(map(str, eval_files))}")
+        raise DataError(f"{card.at('source', 'eval_path')}: no usable rows in {', '.join(map(str, eval_files))}"
+                        + (f" ({held.filtered} filtered out by `where`)" if held.filtered else ""))
 
     if not eval_files:
         rows, eval_rows = split_eval(rows, _eval_count(card, len(rows)), card.eval.seed)
     train = rows[:limit] if limit is not None else rows
     held_out = eval_rows[:eval_limit] if eval_limit is not None else eval_rows
-    return LoadedData(card=card, train=train, eval=held_out, rejected=rejected, files=files, dropped=dropped)
+    unknown = converted.unknown + held.unknown
+    return LoadedData(card=card, train=train, eval=held_out, rejected=rejected, files=files, dropped=dropped,
+                      read=converted.read + held.read, filtered=converted.filtered + held.filtered,
+                      limited=len(rows) - len(train) + len(eval_rows) - len(held_out),
+                      unknown_columns=dict(unknown.most_common()))

@@ -26,6 +26,11 @@ class DroppedRow(Exception):
     """A well-formed row that carries no preference (a tie); `str()` is the reason. Never fails a strict load."""
 
 
+class LabelMapNeeded(Exception):
+    """A row whose meaning the card must state (an integer preference label without `label_map`): the whole load
+    fails, whatever `on_malformed` says, because skipping or guessing would both read the data wrong."""
+
+
 # ---------------------------------------------------------------- field and message reading
 
 
@@ -285,30 +290,71 @@ def convert_sharegpt_preference(row: Mapping[str, Any], fields: Mapping[str, str
 
 
 _TIES = ("", "tie", "equal")
+LabelMap = dict[str, str]  # a label's text -> answer_a | answer_b | tie (`label_map` in the card)
 
 
-def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str]) -> int:
-    """0 when the label prefers answer_a, 1 for answer_b; a tie raises DroppedRow."""
-    if label is None or (isinstance(label, str) and label.strip().lower() in _TIES):
+def _label_text(label: Any) -> str | None:
+    """An integer label (a JSON/parquet int, an integral float, or a CSV cell such as '1') as text, else None.
+
+    CSV cells are text, so "1" is the integer 1 spelled out: both need the card's `label_map`."""
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, int):
+        return str(label)
+    if isinstance(label, str) and re.fullmatch(r"[+-]?\d+", label.strip()):
+        return str(int(label.strip()))
+    return None
+
+
+def _is_missing(label: Any) -> bool:
+    """Null, an empty cell or NaN (how pandas-made parquet spells an empty label)."""
+    return label is None or (isinstance(label, float) and label != label)
+
+
+def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str], label_map: LabelMap | None) -> int:
+    """0 when the label prefers answer_a, 1 for answer_b; a tie raises DroppedRow.
+
+    Integer labels mean nothing by themselves (0/1? 1/2 with 0 a tie?), so they are read only through the
+    card's `label_map`; without one they raise LabelMapNeeded, which fails the whole load."""
+    if _is_missing(label):
         raise DroppedRow(f"tie (label {label!r})")
-    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
-        return label
+    text = label.strip() if isinstance(label, str) else _label_text(label)
+    if label_map and text is not None:
+        meaning = next((label_map[key] for key in (text, _label_text(text)) if key in label_map), None)
+        if meaning == "tie":
+            raise DroppedRow(f"tie (label {label!r})")
+        if meaning is not None:
+            return ("answer_a", "answer_b").index(meaning)
+    number = _label_text(label)
+    if number is not None:
+        if label_map:
+            known = ", ".join(map(repr, label_map))
+            raise RowError(f"label {label!r} is not in the card's label_map (labels: {known})")
+        raise LabelMapNeeded(f"field '{fields['label']}' holds the integer label {label!r}, which could mean either "
+                             "answer (0/1? 1/2 with 0 a tie?); say what each label means with `label_map` in the "
+                             "card, e.g. `label_map: {1: answer_a, 2: answer_b, 0: tie}`")
     if isinstance(label, str):
         text = label.strip()
+        if text.lower() in _TIES:
+            raise DroppedRow(f"tie (label {label!r})")
         for index, name in enumerate(("answer_a", "answer_b")):
-            if text in (fields[name], name) or text.lower() == "ab"[index] or text == str(index):
+            if text in (fields[name], name) or text.lower() == "ab"[index]:
                 return index
         if text not in row:
             raise RowError(f"label {text!r} names no field of this row (fields: {', '.join(map(str, row))})")
         raise RowError(f"label {text!r} names neither answer field ('{fields['answer_a']}' or '{fields['answer_b']}')")
-    raise RowError(f"label must be a field name, 'a'/'b', 0/1 or a tie marker, got {label!r}")
+    raise RowError(f"label must be a field name, 'a'/'b', a tie marker or (with a label_map) an integer, "
+                   f"got {label!r}")
 
 
-def convert_pairwise_label(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
+def convert_pairwise_label(row: Mapping[str, Any], fields: Mapping[str, str],
+                           label_map: LabelMap | None = None) -> dict:
     prompt = _as_messages(_get(row, fields, "prompt"), fields["prompt"], "user")
     answers = [_as_messages(_get(row, fields, name), fields[name], "assistant") for name in ("answer_a", "answer_b")]
     if fields["label"] not in row:
         raise RowError(f"missing field '{fields['label']}'")
-    best = _preferred(row[fields["label"]], row, fields)
+    best = _preferred(row[fields["label"]], row, fields, label_map)
     system = _get(row, fields, "system", required=False)
     return _split_preference(prompt + answers[best], prompt + answers[1 - best], system, fields["system"])

@@ -23,8 +23,9 @@ class Format:
     kind: Literal["sft", "preference", "prompts"]
     fields: dict[str, str]  # canonical field name -> default column (or key) name in the file
     required: tuple[str, ...]
-    convert: Callable[[Mapping[str, Any], Mapping[str, str]], dict]
+    convert: Callable[..., dict]  # (row, fields, **options) -> canonical row
     description: str
+    options: tuple[str, ...] = ()  # card keys the converter also reads (e.g. `label_map`), passed as keywords
 
 
 FORMATS: dict[str, Format] = {
@@ -121,7 +122,9 @@ FORMATS: dict[str, Format] = {
             },
             required=("prompt", "answer_a", "answer_b", "label"),
             convert=converters.convert_pairwise_label,
-            description="Two answers and a `label` naming the better one (field name, a/b, 0/1); ties are dropped.",
+            description="Two answers and a `label` naming the better one (field name, a/b, or an integer read "
+                        "through the card's `label_map`); ties are dropped.",
+            options=("label_map",),
         ),
     )
 }
@@ -141,8 +144,17 @@ def get_format(name: str) -> Format:
         raise DataError(f"unknown data format '{name}'{did_you_mean(name, list(FORMATS))}") from None
 
 
-def convert_row(fmt: Format, row: Mapping[str, Any], fields: Mapping[str, str]) -> dict:
-    """Convert one file row to canonical form; `fields` (from the card) overrides the format's default columns."""
+def convert_row(fmt: Format, row: Mapping[str, Any], fields: Mapping[str, str],
+                options: Mapping[str, Any] | None = None) -> dict:
+    """Convert one file row to canonical form; `fields` (from the card) overrides the format's default columns,
+    `options` are the card settings the format reads (`fmt.options`, e.g. `label_map`)."""
     if not isinstance(row, Mapping):
         raise RowError(f"row must be an object, got {type_name(row)}")
-    return fmt.convert(row, {**fmt.fields, **fields})
+    return fmt.convert(row, {**fmt.fields, **fields}, **{key: value for key, value in (options or {}).items()
+                                                        if key in fmt.options})
+
+
+def columns_read(fmt: Format, fields: Mapping[str, str]) -> set[str]:
+    """The row keys (columns) a format reads under a card's field mapping; `role_key`/`content_key` name keys
+    inside messages, not columns."""
+    return {column for name, column in {**fmt.fields, **fields}.items() if name not in ("role_key", "content_key")}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from align import models
+from align import integrity, models
 from align.errors import ArtifactError, RecipeError
 from align.models import decoder
 from align.rewards import RewardModel, RewardScorer, stage_normalisation
@@ -183,9 +183,10 @@ def _add_adapter_from(model: Any, name: str, adapter_dir: Path, trainable: bool)
     and return that score head's weight [1, H]."""
     from peft import PeftConfig, set_peft_model_state_dict
 
-    config = PeftConfig.from_pretrained(str(adapter_dir))
-    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, not trainable
-    state, head = _split_score_head(adapter_dir)
+    with integrity.loading_adapter(adapter_dir):  # a damaged reward adapter: one ArtifactError naming the file
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, not trainable
+        state, head = _split_score_head(adapter_dir)
     model.add_adapter(name, config)
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     if getattr(result, "unexpected_keys", None):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from align import scoring, training
+from align import training
 from align.artifacts import Artifact, Registry
 from align.errors import DataError
 from align.recipe import Recipe
@@ -119,9 +119,6 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "eval_reward_chosen": after.get("eval_rewards/chosen"),
         "eval_reward_rejected": after.get("eval_rewards/rejected"),
         "open_replies": opened,
-        # DPOTrainer cuts pairs longer than train.max_length (keeping the start: the completion loses its end).
-        "train_rows_truncated_too_long": sum(scoring.over_length(inputs.tokenizer, inputs.data.train,
-                                                                 recipe.model.chat_template, recipe.train.max_length)),
     }
     return training.publish_adapter(trainer, inputs, metrics=metrics,
                                     train_metrics=train_metrics, details={"dpo": settings.model_dump()})

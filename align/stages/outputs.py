@@ -20,15 +20,36 @@ from align.recipe import DpoSection, GrpoSection, PairsSection, PpoSection, Rloo
 from align.records import Strict
 
 
-class TrainedMetrics(Metrics):
-    """What every stage that trains an adapter with a TRL trainer records (`training.publish_adapter`)."""
+class RowCounts(Metrics):
+    """Every row a stage read, accounted for (`LoadedData.counts`): rows_read = train_rows + eval_rows (the rows
+    used) + the sum of rows_dropped, by reason: malformed (on_malformed: skip), tie, filtered (the card's
+    `where`), limit (data.limit / eval_limit), too_long (what the trainer drops at train.max_length). Null where a
+    file from before schema 2 did not record it."""
+
+    rows_read: int | None
+    rows_dropped: dict[str, int] | None
+    train_rows: int
+    eval_rows: int
+
+    @classmethod
+    def migrate_v1(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Schema < 2 metrics with the row counts schema 2 added (unknown: null)."""
+        return {"rows_read": None, "rows_dropped": None, **metrics}
+
+
+class TrainedMetrics(RowCounts):
+    """What every stage that trains an adapter with a TRL trainer records (`training.publish_adapter`);
+    train_rows_truncated: train rows kept but cut at train.max_length (null when the stage has no max_length)."""
 
     train_loss: float | None
     train_runtime_s: float | None
     train_samples_per_second: float | None
     global_step: int
-    train_rows: int
-    eval_rows: int
+    train_rows_truncated: int | None
+
+    @classmethod
+    def migrate_v1(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"train_rows_truncated": None, **super().migrate_v1(metrics)}
 
 
 class SftMetrics(TrainedMetrics):
@@ -45,9 +66,19 @@ class RewardMetrics(TrainedMetrics):
     eval_reward_std: float
     eval_pairs: int
     eval_accuracy_before: float
-    eval_rows_too_long: int
-    train_rows_dropped_too_long: int
-    train_rows_used: int
+
+    @classmethod
+    def migrate_v1(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Schema 1 counted pairs over max_length in their own fields and train/eval_rows before dropping them."""
+        metrics = super().migrate_v1(metrics)
+        train_dropped = metrics.pop("train_rows_dropped_too_long", 0) or 0
+        eval_dropped = metrics.pop("eval_rows_too_long", 0) or 0
+        metrics.pop("train_rows_used", None)
+        for key, dropped in (("train_rows", train_dropped), ("eval_rows", eval_dropped)):
+            if isinstance(metrics.get(key), int):
+                metrics[key] -= dropped  # schema 2 counts the rows used
+        metrics["train_rows_truncated"] = 0  # the reward stage drops long pairs, it never cuts them
+        return metrics
 
 
 class DpoMetrics(TrainedMetrics):
@@ -58,7 +89,12 @@ class DpoMetrics(TrainedMetrics):
     eval_reward_chosen: float | None
     eval_reward_rejected: float | None
     open_replies: int
-    train_rows_truncated_too_long: int
+
+    @classmethod
+    def migrate_v1(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        metrics = super().migrate_v1(metrics)
+        metrics["train_rows_truncated"] = metrics.pop("train_rows_truncated_too_long", None)
+        return metrics
 
 
 class OnlineMetrics(TrainedMetrics):
@@ -72,7 +108,7 @@ class OnlineMetrics(TrainedMetrics):
     clipped_ratio_last: float | None
 
 
-class PpoMetrics(Metrics):
+class PpoMetrics(RowCounts):
     """Held-out replies scored before (the SFT model) and after; null where there is nothing to measure."""
 
     eval_reward_before: float | None
@@ -91,15 +127,20 @@ class PpoMetrics(Metrics):
     entropy_last: float
     response_length_last: float
     global_step: int
-    train_rows: int
-    eval_rows: int
     models: Literal["shared", "separate"]
     weights_mib: float
 
 
 class PairsMetrics(Metrics):
+    rows_read: int | None  # prompt rows as RowCounts counts them: read = prompts_train + prompts_eval + dropped
+    rows_dropped: dict[str, int] | None
     prompts_train: int
     prompts_eval: int
+
+    @classmethod
+    def migrate_v1(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"rows_read": None, "rows_dropped": None, **metrics}
+
     pairs_train: int
     pairs_eval: int
     judge_mean: float
@@ -128,26 +169,38 @@ class PairsDetails(PairsSection):
     policy: str  # the ref (or base spec) that sampled the replies
 
 
-class SftManifest(Manifest):
+class CountedManifest(Manifest):
+    """A stage manifest whose metrics count rows (schema 2): older files get their metrics' `migrate_v1`."""
+
+    @classmethod
+    def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        data = super().migrate(data, version)
+        metrics = cls.model_fields["metrics"].annotation
+        if version < 2 and isinstance(data.get("metrics"), dict) and hasattr(metrics, "migrate_v1"):
+            data["metrics"] = metrics.migrate_v1(dict(data["metrics"]))
+        return data
+
+
+class SftManifest(CountedManifest):
     stage: Literal["sft"]
     metrics: SftMetrics
     adapter: AdapterInfo
 
 
-class RewardManifest(Manifest):
+class RewardManifest(CountedManifest):
     stage: Literal["reward"]
     metrics: RewardMetrics
     adapter: RewardAdapterInfo
 
 
-class DpoManifest(Manifest):
+class DpoManifest(CountedManifest):
     stage: Literal["dpo"]
     metrics: DpoMetrics
     adapter: AdapterInfo
     dpo: DpoSection
 
 
-class PpoManifest(Manifest):
+class PpoManifest(CountedManifest):
     stage: Literal["ppo"]
     metrics: PpoMetrics
     adapter: ValueAdapterInfo
@@ -167,7 +220,7 @@ class PpoManifest(Manifest):
         return data
 
 
-class OnlineManifest(Manifest):
+class OnlineManifest(CountedManifest):
     """GRPO and RLOO: the same outputs, each with its own settings section."""
 
     metrics: OnlineMetrics
@@ -193,7 +246,7 @@ class RlooManifest(OnlineManifest):
     rloo: RlooSection
 
 
-class PairsManifest(Manifest):
+class PairsManifest(CountedManifest):
     stage: Literal["pairs"]
     metrics: PairsMetrics
     pairs: PairsDetails

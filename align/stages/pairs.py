@@ -116,7 +116,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     card_path, data_parent = resolve_card(recipe.data.card, recipe.path.parent, registry)
     data = load_data(load_card(card_path), limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
     start = models.resolve_starting_point(recipe, registry)
-    judge, judge_artifact = judges.load_judge(recipe.pairs.judge, registry)
+    judge, judge_artifact = judges.load_judge(recipe.pairs.judge, registry, recipe.path.parent)
     device = detect_device()
     recipe = resolve_device_defaults(recipe, device)
     from accelerate import PartialState
@@ -152,6 +152,8 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     every_score = [s for items in judged.values() for item in items for s in item["scores"]]
     pairs_all = rows["train"] + rows["eval"]
     metrics = {
+        "rows_read": data.read,  # = prompts_train + prompts_eval + the rows dropped (by reason)
+        "rows_dropped": data.dropped_by_reason(),
         "prompts_train": len(judged["train"]),
         "prompts_eval": len(judged["eval"]),
         "pairs_train": len(rows["train"]),

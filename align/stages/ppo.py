@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from align import generation, judges, models, rewards, runtime, training
+from align import generation, judges, models, redaction, rewards, runtime, training
 from align.artifacts import Artifact, Registry
 from align.errors import RecipeError
 from align.ppo import roles as ppo_roles
@@ -26,7 +26,8 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     """Train and publish one PPO policy adapter. Returns the artifact on the main process, None elsewhere."""
     reward = rewards.recipe_reward_model(recipe, registry)
     ppo_roles.check_reward(recipe, registry, reward)
-    reward_fn = judges.load_judge(recipe.ppo.reward_function, registry)[0] if recipe.ppo.reward_function else None
+    reward_fn = (judges.load_judge(recipe.ppo.reward_function, registry, recipe.path.parent)[0]
+                 if recipe.ppo.reward_function else None)
     ppo_trainer.check_batch_sizes(recipe)
     inputs = training.prepare(recipe, registry, resume=resume, say=say)
     recipe, data, run_state, tokenizer = inputs.recipe, inputs.data, inputs.run, inputs.tokenizer
@@ -47,7 +48,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         if module is not None:
             module.to(accelerator.device).eval()  # no dropout anywhere: see align/ppo/trainer.py
     if accelerator.log_with:
-        accelerator.init_trackers(recipe.name, config=recipe.to_dict())
+        accelerator.init_trackers(recipe.name, config=redaction.redact(recipe.to_dict()))
 
     prompts = [row["prompt"] for row in data.train]
     eval_prompts = [row["prompt"] for row in data.eval]
@@ -68,8 +69,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
         "entropy_last": last["entropy"],
         "response_length_last": last["response_length"],
         "global_step": last["step"],
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
+        **data.counts(),  # rows read, dropped by reason, and used (train_rows, eval_rows)
         "models": holder.layout,
         "weights_mib": holder.weight_bytes() / 2**20,
     }

@@ -11,7 +11,6 @@ from typing import Any
 
 from align import scoring, training
 from align.artifacts import Artifact, Registry
-from align.errors import DataError
 from align.recipe import Recipe
 
 
@@ -26,14 +25,9 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     trainer = training.build_trainer(RewardTrainer, RewardConfig, inputs,
                                      center_rewards_coefficient=recipe.reward.center_rewards_coefficient)
 
-    # Judge on the eval pairs the trainer itself keeps: TRL drops pairs longer than max_length (counted for the
-    # manifest, train and eval alike, so its row counts say what was trained on).
-    max_length = recipe.train.max_length
-    train_too_long = sum(scoring.over_length(tokenizer, data.train, chat_template, max_length))
-    eval_rows = [row for row, long in zip(data.eval, scoring.over_length(tokenizer, data.eval, chat_template,
-                                                                         max_length), strict=True) if not long]
-    if not eval_rows:
-        raise DataError(f"{recipe.data.card}: every eval pair is longer than train.max_length={max_length} tokens")
+    # Pairs longer than train.max_length, which TRL's RewardTrainer drops, are already gone (`training.prepare`,
+    # counted in rows_dropped): the eval pairs judged here are the ones the trainer itself keeps.
+    eval_rows = data.eval
 
     def eval_scores() -> tuple[list[float], list[float]]:
         scorer = trainer.accelerator.unwrap_model(trainer.model)
@@ -52,10 +46,6 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     metrics = {
         **{f"eval_{key}": value for key, value in after.items()},
         "eval_accuracy_before": before["accuracy"],
-        "eval_rows_too_long": len(data.eval) - len(eval_rows),
-        # TRL's RewardTrainer drops pairs longer than train.max_length: rows read, dropped and used.
-        "train_rows_dropped_too_long": train_too_long,
-        "train_rows_used": len(data.train) - train_too_long,
     }
     scores = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
     normalisation = {"mean": after["reward_mean"], "std": after["reward_std"]}
