@@ -127,20 +127,6 @@ def card_summary(label: str, card: DataCard, data: LoadedData, shown: int = 20) 
     return Group(*lines)
 
 
-def token_length_table(stats: dict[str, dict[Any, float]]) -> Any:
-    """Token-length percentiles per split (`data.token_length_percentiles`)."""
-    from rich.table import Table
-
-    table = Table(title="token lengths (prompt + reply)")
-    keys = list(next(iter(stats.values())))
-    table.add_column("split")
-    for key in keys:
-        table.add_column(str(key), justify="right")
-    for split, values in stats.items():
-        table.add_row(split, *(f"{values[k]:.0f}" for k in keys))
-    return table
-
-
 def artifacts_table(title: str, artifacts: list[Artifact]) -> Any:
     """`align artifacts list`: every version with its stage, creation time, parents and data."""
     from rich.table import Table

@@ -24,14 +24,6 @@ def reward_input_ids(tokenizer: Any, prompt: list[Message], reply: list[Message]
     return tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
 
 
-def over_length(tokenizer: Any, rows: list[dict[str, Any]], chat_template: str, max_length: int) -> list[bool]:
-    """Per preference row: is prompt + chosen or prompt + rejected longer than `max_length` tokens, as TRL's
-    Reward and DPO trainers tokenise them (template, or text + EOS)? RewardTrainer drops such rows; DPOTrainer
-    cuts them (its default keeps the start, so the completion loses its end, EOS included)."""
-    return [any(len(reward_input_ids(tokenizer, row["prompt"], row[side], chat_template)) > max_length
-                for side in ("chosen", "rejected")) for row in rows]
-
-
 def reward_batch(tokenizer: Any, items: list[Item], chat_template: str,
                  max_length: int | None = None) -> tuple[Any, Any]:
     """input_ids and attention_mask [B, T] of (prompt, reply) items, right-padded, so each row's last real
@@ -98,16 +90,3 @@ def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict[str, fl
     }
 
 
-def length_counter(tokenizer_spec: str, chat_template: str) -> Callable[[dict[str, Any]], int]:
-    """Tokens of a row's prompt + reply exactly as the trainers see them (`align data validate --tokenizer`)."""
-    from pathlib import Path
-
-    from align.models import load_tokenizer, resolve_base
-
-    tokenizer = load_tokenizer(resolve_base(tokenizer_spec, Path.cwd()), chat_template)
-
-    def count(row: dict[str, Any]) -> int:
-        return len(reward_input_ids(tokenizer, row["prompt"], row.get("completion") or row.get("chosen") or [],
-                                    chat_template))
-
-    return count
