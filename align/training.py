@@ -126,7 +126,7 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     data = load_data(card, limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
     if rows == "preference" and not data.eval:
         raise DataError(f"{card.path}: the eval split is empty; `align {recipe.stage}` is judged on held-out pairs")
-    if data.unknown_columns:
+    if data.unknown_columns and data_parent is None:  # a dataset artifact's extra columns are align's own records
         say(unknown_columns_note(data))
     start = models.resolve_starting_point(recipe, registry)
     models.check_lora_targets(start.base, recipe.lora, stage.task_type, str(recipe.path))

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test` runs two workers on two cores) every process gets one torch thread: two
+# processes each spinning two OpenMP threads on two cores slow each other down by an order of magnitude.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TINY_SFT = REPO / "recipes" / "tiny" / "sft.yaml"
@@ -75,6 +80,17 @@ def copy_reward_artifact(session: Path, registry: Path, name: str, edit: Callabl
     edit(manifest)
     (target / "manifest.json").write_text(json.dumps(manifest))
     return f"{name}@v1"
+
+
+def rerecord_files(version_dir: Path) -> None:
+    """Record a test-edited artifact version's files anew in its manifest, as if it had been published so."""
+    import json
+
+    from align.integrity import record_directory
+
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest["files"] = {path: record.model_dump() for path, record in record_directory(version_dir).items()}
+    (version_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="session")

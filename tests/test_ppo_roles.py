@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, copy_reward_artifact
+from conftest import REPO, copy_reward_artifact, rerecord_files
 
 PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
 PROMPTS = [[{"role": "user", "content": "Once upon a time, a little dog"}],
@@ -130,6 +130,7 @@ def test_reward_reads_text_its_own_way_in_both_layouts(reward_artifact: Path, sf
                                       saved_in=target)
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(str(target))
+    rerecord_files(target)  # made differently, not damaged: its file record describes the new tokenizer
     overrides = ["ppo.reward_model=rm-chat@v1"]
     shared, policy_tokenizer, reward = build(registry_root, [*overrides, "ppo.models=shared"])
     separate, _, _ = build(registry_root, [*overrides, "ppo.models=separate"])
