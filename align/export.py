@@ -144,12 +144,13 @@ def _merged_model(artifact: Artifact, registry: Registry, head: str
 
 
 def _trained_dtype(artifact: Artifact) -> Any:
-    """The precision the adapter was trained against, so the merged weights are the ones it saw; 'auto' (or an
-    older manifest) keeps the base's stored dtype."""
-    from align.models import torch_dtype
+    """The dtype of the weights the adapter was trained against, so the merged weights are the ones it saw:
+    on CPU fp32 whatever the precision (bf16 there is autocast over fp32 weights), on GPUs the precision;
+    'auto' (or an older manifest) keeps the base's stored dtype."""
+    from align.models import weight_dtype
 
     precision = (artifact.manifest.recipe.get("train") or {}).get("precision")
-    return torch_dtype(precision) if precision in ("fp32", "bf16", "fp16") else None
+    return weight_dtype(precision, artifact.manifest.device.type) if precision in ("fp32", "bf16", "fp16") else None
 
 
 def _artifact_tokenizer(artifact: Artifact) -> PreTrainedTokenizerBase:

@@ -411,6 +411,26 @@ def _config_location(base: BaseModelSpec) -> tuple[str, dict[str, Any]]:
     return _load_location(base)
 
 
+def base_config(base: BaseModelSpec) -> Any:
+    """The base model's transformers config, read without its weights; None when it cannot be read here
+    (unreachable hub, odd directory): the weight loader then reports why, with context."""
+    from transformers import AutoConfig
+
+    location, kwargs = _config_location(base)
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except Exception:
+        return None
+
+
+def hidden_size(base: BaseModelSpec) -> int | None:
+    """The base model's hidden size (what decides whether bf16 pays on a CPU: `device.resolve_precision`)."""
+    config = base_config(base)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    size = getattr(text_config, "hidden_size", None)
+    return size if isinstance(size, int) else None
+
+
 def check_lora_targets(base: BaseModelSpec, section: LoraSection, task_type: str, where: str) -> None:
     """Apply the recipe's LoRA to the base model's skeleton on the meta device (no weights are read or
     allocated): `target_modules` or `layers_to_transform` that match no module are a recipe error now, not PEFT's
@@ -420,12 +440,10 @@ def check_lora_targets(base: BaseModelSpec, section: LoraSection, task_type: str
     import torch
     from peft import get_peft_model
     from peft.utils.error import NoMatchingPeftModuleError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    location, kwargs = _config_location(base)
-    try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
-    except Exception:  # unreachable hub, odd directory: the real loader reports it with context
+    config = base_config(base)
+    if config is None:
         return
     auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
     if task_type == "SEQ_CLS":
@@ -449,3 +467,24 @@ def torch_dtype(precision: str) -> Any:
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def weight_dtype(precision: str, device_type: str) -> Any:
+    """The dtype weights are loaded in. On CPU always fp32: bf16 there is autocast (`compute_precision`) over
+    fp32 weights, as torch's CPU autocast expects and so LoRA updates are not rounded away. On GPUs the
+    precision itself (TRL's and PEFT's usual bf16/fp16 base with fp32 adapters)."""
+    import torch
+
+    return torch.float32 if device_type == "cpu" else torch_dtype(precision)
+
+
+def compute_precision(precision: str, device_type: str) -> Any:
+    """A context in which forward passes compute in `precision`: torch autocast for bf16/fp16, nothing for fp32.
+    Sampling, scoring and log-probs run in it so that they see the model as training does."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch_dtype(precision))

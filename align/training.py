@@ -137,12 +137,13 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     summary = data.summary()
     data = recipe_max_length(data, recipe, tokenizer)
     device = detect_device()
-    recipe = resolve_device_defaults(recipe, device)
+    recipe = resolve_device_defaults(recipe, device, models.hidden_size(start.base))
     run = open_run(recipe, registry, start, summary, device, resume, data_parent)
     for note in run.notes:
         say(note)
     runtime.signal_point("load-model")
-    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision), head)
+    model = models.load_starting_model(start, registry, models.weight_dtype(recipe.train.precision, device["type"]),
+                                       head)
     if head == "score":
         model.config.pad_token_id = tokenizer.pad_token_id
     return StageInputs(recipe, data, run, tokenizer, model)

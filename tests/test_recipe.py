@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from align.device import resolve_device_defaults
+from align.device import CPU_BF16_MIN_HIDDEN, cpu_bf16_flags, resolve_device_defaults
 from align.errors import RecipeError
 from align.recipe import load_recipe
 
 CPU = {"type": "cpu", "name": "cpu", "bf16": False}
+BF16_CPU = {"type": "cpu", "name": "cpu (avx512_bf16)", "bf16": True}
 AMPERE = {"type": "cuda", "name": "A100", "bf16": True}
 TURING = {"type": "cuda", "name": "T4", "bf16": False}
 
@@ -96,12 +97,33 @@ def test_gpu_defaults_pick_bf16_then_fp16(tmp_path: Path) -> None:
     assert recipe.train.precision == "auto", "resolving must not modify the loaded recipe"
 
 
+def test_cpu_auto_picks_bf16_autocast_only_with_bf16_units_and_a_model_large_enough(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    large, small = CPU_BF16_MIN_HIDDEN, CPU_BF16_MIN_HIDDEN - 1
+    assert resolve_device_defaults(recipe, BF16_CPU, large).train.precision == "bf16"
+    assert resolve_device_defaults(recipe, BF16_CPU, small).train.precision == "fp32"  # casts cost more than they save
+    assert resolve_device_defaults(recipe, BF16_CPU, None).train.precision == "fp32"  # size unknown: the safe choice
+    assert resolve_device_defaults(recipe, CPU, large).train.precision == "fp32"  # emulated bf16 is slow
+    assert resolve_device_defaults(recipe, BF16_CPU, large).train.activation_checkpointing is False
+
+
+def test_cpu_bf16_flags_read_from_cpuinfo() -> None:
+    assert cpu_bf16_flags("processor : 0\nflags : fpu sse avx512f avx512_bf16 amx_tile\n") == ["avx512_bf16"]
+    assert cpu_bf16_flags("flags : fpu amx_bf16 amx_tile avx512_bf16\n") == ["avx512_bf16", "amx_bf16"]
+    assert cpu_bf16_flags("flags : fpu sse avx2 avx512f\n") == []
+    assert cpu_bf16_flags("") == []
+
+
 def test_impossible_precision_is_a_user_error(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, MINIMAL), ["train.precision=bf16"])
-    with pytest.raises(RecipeError, match="needs a GPU"):
+    with pytest.raises(RecipeError, match=r"train\.precision: this CPU has no native bf16 units"):
         resolve_device_defaults(recipe, CPU)
+    assert resolve_device_defaults(recipe, BF16_CPU, 64).train.precision == "bf16", "asked for: granted where it runs"
     with pytest.raises(RecipeError, match="does not support bf16"):
         resolve_device_defaults(recipe, TURING)
+    fp16 = load_recipe(write(tmp_path, MINIMAL), ["train.precision=fp16"])
+    with pytest.raises(RecipeError, match="fp16 needs a GPU"):
+        resolve_device_defaults(fp16, BF16_CPU)
 
 
 def test_repo_recipes_validate() -> None:

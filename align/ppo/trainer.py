@@ -208,9 +208,12 @@ def train(roles: Roles, tokenizer: Any, prompts: list[list[Message]], recipe: Re
             started = time.perf_counter()
             batch = [prompts[i] for i in prompt_indices(len(prompts), step, settings.rollout_batch_size,
                                                         train_cfg.seed)]
-            rollout = collect(roles, tokenizer, batch, settings, chat_template=recipe.model.chat_template,
-                              reward_fn=reward_fn, seed=runtime.rank_seed(train_cfg.seed, f"rollout-{step}"),
-                              forward_batch_size=train_cfg.per_device_eval_batch_size)
+            # Rollouts sample and score under the same autocast as the prepared model's forward in the update
+            # (accelerate wraps it), so old and new log-probs come from one precision.
+            with accelerator.autocast():
+                rollout = collect(roles, tokenizer, batch, settings, chat_template=recipe.model.chat_template,
+                                  reward_fn=reward_fn, seed=runtime.rank_seed(train_cfg.seed, f"rollout-{step}"),
+                                  forward_batch_size=train_cfg.per_device_eval_batch_size)
             advantages, returns, kl = advantages_and_returns(rollout, settings, kl_control.value)
             learning_rate = scheduler.get_last_lr()[0]
             generator = torch.Generator().manual_seed(runtime.rank_seed(train_cfg.seed, f"minibatches-{step}"))

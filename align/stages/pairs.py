@@ -118,7 +118,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     start = models.resolve_starting_point(recipe, registry)
     judge, judge_artifact = judges.load_judge(recipe.pairs.judge, registry, recipe.path.parent)
     device = detect_device()
-    recipe = resolve_device_defaults(recipe, device)
+    recipe = resolve_device_defaults(recipe, device, models.hidden_size(start.base))
     from accelerate import PartialState
 
     state = PartialState()  # initialises the process group under `accelerate launch`
@@ -126,7 +126,9 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
 
     chat_template = recipe.model.chat_template
     tokenizer = models.load_tokenizer(start.base, chat_template, saved_in=start.parent.path if start.parent else None)
-    model = models.load_starting_model(start, registry, models.torch_dtype(recipe.train.precision)).to(state.device)
+    precision = recipe.train.precision
+    model = models.load_starting_model(start, registry, models.weight_dtype(precision, device["type"]))
+    model = model.to(state.device)
 
     # Each rank samples its own share of the prompts with its own seed; rank 0 collects them all.
     rank, world = runtime.world()
@@ -135,7 +137,8 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     judged = {}
     for split in ("train", "eval"):
         prompts = [row["prompt"] for row in getattr(data, split)]
-        mine = _sample_and_judge(model, tokenizer, prompts[rank::world], judge, recipe, seed) if prompts else []
+        with models.compute_precision(precision, device["type"]):
+            mine = _sample_and_judge(model, tokenizer, prompts[rank::world], judge, recipe, seed) if prompts else []
         judged[split] = [item for part in runtime.gather_objects(mine) for item in part]
     sampling_s = time.time() - started
 

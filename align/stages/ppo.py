@@ -42,7 +42,7 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
                           f"{accelerator.distributed_type.value}: its roles switch adapters inside one forward pass")
     runtime.wait_for_everyone()  # rank 0 may have just cleared the checkpoints of an older run
     torch.manual_seed(recipe.train.seed)  # fresh LoRA weights: the same on every rank and every resume
-    dtype = models.torch_dtype(recipe.train.precision)
+    dtype = models.weight_dtype(recipe.train.precision, run_state.device["type"])
     holder = ppo_roles.build_roles(recipe, registry, run_state.start, inputs.model, reward, dtype)
     for module in (holder.actor_critic, holder.reference_model, holder.reward_model):
         if module is not None:
@@ -52,9 +52,13 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
 
     prompts = [row["prompt"] for row in data.train]
     eval_prompts = [row["prompt"] for row in data.eval]
-    before = _eval_scores(holder, tokenizer, eval_prompts, recipe, reward_fn, policy=False)
+    # Sampling and scoring compute in the precision the policy trains in (accelerate's autocast: bf16 on CPUs
+    # with bf16 units), so the log-probs PPO compares describe the replies as they were sampled.
+    with accelerator.autocast():
+        before = _eval_scores(holder, tokenizer, eval_prompts, recipe, reward_fn, policy=False)
     history = ppo_trainer.train(holder, tokenizer, prompts, recipe, run_state, accelerator, reward_fn)
-    after = _eval_scores(holder, tokenizer, eval_prompts, recipe, reward_fn, policy=True)
+    with accelerator.autocast():
+        after = _eval_scores(holder, tokenizer, eval_prompts, recipe, reward_fn, policy=True)
     accelerator.end_training()
 
     last = history[-1]

@@ -29,9 +29,10 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     def samples() -> list[str]:
         if not sample_prompts or not runtime.is_main_process():
             return []
-        return generation.generate(trainer.accelerator.unwrap_model(trainer.model), tokenizer, sample_prompts,
-                                   chat_template=chat_template, max_new_tokens=recipe.sft.max_new_tokens,
-                                   seed=recipe.train.seed)
+        with trainer.accelerator.autocast():  # in the precision the adapter trains in
+            return generation.generate(trainer.accelerator.unwrap_model(trainer.model), tokenizer, sample_prompts,
+                                       chat_template=chat_template, max_new_tokens=recipe.sft.max_new_tokens,
+                                       seed=recipe.train.seed)
 
     # A fresh LoRA adapter starts as the identity, so "before" is the starting model itself.
     before = trainer.evaluate(metric_key_prefix="eval")
