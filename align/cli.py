@@ -9,7 +9,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -168,6 +168,13 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1, help="Replies generated together.")] = 32,
     judge: Annotated[str, typer.Option(help="vader | reward:NAME@vN | module:function.")] = "vader",
     reward: Annotated[str | None, typer.Option(help="Reward artifact for reward scores and win rate.")] = None,
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
+        help="Compute precision of sampling and scoring; auto: bf16 autocast where the CPU has bf16 units and the "
+             "model is large enough to gain, bf16 (else fp16) on GPUs, fp32 otherwise.")] = "auto",
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Reuse the parent's samples from the registry's sample cache (ROOT/.cache/samples) "
+                                   "when an earlier eval drew them with the same parent weights, prompts and "
+                                   "settings; --no-cache samples the parent again and leaves the cache alone.")] = True,
     registry: RegistryOpt = None,
 ) -> None:
     """Compare a policy with its parent on held-out prompts: judge and reward scores, KL, win rate, fluency."""
@@ -178,13 +185,16 @@ def eval_(
     card = _card(data, registry)
     settings = EvalSettings(card=data, split=split.value, limit=limit, num_samples=num_samples,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            batch_size=batch_size, judge=judge, reward=reward)
+                            batch_size=batch_size, judge=judge, reward=reward, precision=precision)
     artifact = reg.resolve(ref)
     reg.check_can_add(artifact)  # eval.json goes beside the artifact: refuse a read-only one before sampling
-    result = evaluate_artifact(artifact, reg, settings, card.path)
+    result = evaluate_artifact(artifact, reg, settings, card.path, cache=cache)
     show.console().print(show.eval_table(result))
     show.console().print(show.examples_table(result))
-    show.console().print(f"saved {artifact.path / 'eval.json'}", markup=False)
+    if result.parent_samples_cached:
+        show.console().print(f"the parent's samples came from the sample cache ({result.parent_samples_key[:12]}...)",
+                             markup=False)
+    show.console().print(f"saved {artifact.path / 'eval.json'} (precision {result.settings.precision})", markup=False)
 
 
 @app.command()
@@ -284,16 +294,19 @@ def recipe_show(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
     resolved: Annotated[bool, typer.Option("--resolved", help="Also resolve device-aware defaults here.")] = False,
+    registry: RegistryOpt = None,
 ) -> None:
     """Print the recipe with every default filled in (as the manifest will record it)."""
     import yaml
 
+    from align import models
     from align.device import detect_device, resolve_device_defaults
     from align.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
-    if resolved:
-        recipe = resolve_device_defaults(recipe, detect_device())
+    if resolved:  # the precision `auto` picks depends on the model's size: read its config (never its weights)
+        start = models.resolve_starting_point(recipe, _registry(registry, recipe.output.root))
+        recipe = resolve_device_defaults(recipe, detect_device(), models.hidden_size(start.base))
     typer.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
 
 

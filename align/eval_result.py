@@ -1,7 +1,9 @@
 """`eval.json`: what `align eval` writes beside an artifact, as typed models (read by compare, report, bench).
 
 Schema history: version 0 (no `schema_version`) wrote the reward fields (`reward`, `reward_stderr`,
-`reward_delta`, `reward_delta_stderr`) only when a reward model was given; they read as null.
+`reward_delta`, `reward_delta_stderr`) only when a reward model was given; they read as null. Version 2 adds
+`settings.precision` (the resolved one) and `parent_samples_cached` / `parent_samples_key`; older files read as
+precision `auto` (then: the checkpoint's own dtype, no autocast — fp32 on every CPU run) and not cached.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class EvalSettings(Strict):
     batch_size: int = Field(32, gt=0)
     judge: str = "vader"
     reward: str | None = None
+    # What `align eval --precision` asked for; eval.json records the one it resolved to (never `auto` since v2).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class EvalSide(Strict):
@@ -58,7 +62,7 @@ class EvalExample(Strict):
 class EvalResult(Record):
     """The artifact against its parent on the same prompts and sampling seed."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     schema_version: int
     artifact: str
@@ -81,6 +85,10 @@ class EvalResult(Record):
     win_rate: float
     win_rate_stderr: float
     win_rate_by: str
+    # The parent's samples (and its log-probs of them) were read from the registry's sample cache, under this key
+    # (`align.sample_cache`); key null when the cache was bypassed (`--no-cache`) or could not be written.
+    parent_samples_cached: bool = False
+    parent_samples_key: str | None = None
     examples: list[EvalExample]
 
     @classmethod
@@ -91,6 +99,11 @@ class EvalResult(Record):
             for side in ("policy", "parent_model"):
                 if isinstance(data.get(side), dict):
                     data[side] = {"reward": None, "reward_stderr": None, **data[side]}
+        if version < 2:
+            if isinstance(data.get("settings"), dict):
+                data["settings"] = {"precision": "auto", **data["settings"]}
+            data.setdefault("parent_samples_cached", False)
+            data.setdefault("parent_samples_key", None)
         return data
 
     @classmethod

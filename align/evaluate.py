@@ -4,16 +4,24 @@ Both models are one object: the parent (base + adapter chain, merged) with the a
 `disable_adapter()` gives the parent, which is also the KL/NLL reference (DPO's and PPO's reference). Every
 score is a mean over prompts x samples from a fixed sampling seed; its standard error is clustered by prompt
 (computed over per-prompt means), because the samples of one prompt are not independent of each other.
+
+The parent's side (its samples and its own log-probs of them) depends on the parent alone, and every policy
+trained from one parent is compared with it on the same prompts and seed: it is sampled once per registry and
+read back from `align.sample_cache` after that. Everything runs in one precision (`--precision`, resolved by
+`device.resolve_precision` like the stages' `train.precision`): fp32 weights on CPU with bf16 autocast where the
+CPU has bf16 units and the model is large enough to gain from it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align import generation, judges, models
+from align import generation, judges, models, sample_cache
+from align.device import detect_device, resolve_precision
 from align.errors import ArtifactError
 from align.eval_result import EVAL_FILE, EvalResult, EvalSettings
 from align.rewards import RewardModel
@@ -160,10 +168,12 @@ def reply_logprobs_at(model: Any, samples: Sequence[Sample], pad_id: int, temper
 # ---- the evaluation -------------------------------------------------------------------------------------------
 
 
-def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sample], pad_id: int,
-                              settings: EvalSettings) -> tuple[list[list[float]], list[list[float]], dict[str, Any]]:
+def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sample] | None, pad_id: int,
+                              settings: EvalSettings) -> tuple[list[list[float]], list[list[float]] | None,
+                                                                dict[str, Any]]:
     """The reference's (adapter off) log-probs at temperature 1 of the policy's and of the parent's samples,
-    for the NLL guard, and the `kl_fields` of KL(policy || parent) on the policy's samples.
+    for the NLL guard, and the `kl_fields` of KL(policy || parent) on the policy's samples. `parent` None: the
+    parent's log-probs are not computed (they came from the sample cache with its samples) and None is returned.
 
     The KL is of the distributions sampled: both models' log-probs at the sampling temperature, or none at all
     when the sampling was greedy or truncated (see `kl_note`). The reference NLL stays at temperature 1: it is a
@@ -174,12 +184,70 @@ def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sam
     temperatures = (1.0,) if note is not None or settings.temperature == 1.0 else (1.0, settings.temperature)
     with model.disable_adapter():
         ref_on_policy, *ref_at_t = reply_logprobs_at(model, policy, pad_id, temperatures, settings.batch_size)
-        ref_on_parent = reply_logprobs(model, parent, pad_id, settings.batch_size)
+        ref_on_parent = parent_reference_logprobs(model, parent, pad_id, settings) if parent is not None else None
     if note is not None:
         return ref_on_policy, ref_on_parent, kl_fields(None, None, settings.num_samples, note)
     policy_at_t = reply_logprobs(model, policy, pad_id, settings.batch_size, temperature=settings.temperature)
     ref_policy_at_t = ref_at_t[0] if ref_at_t else ref_on_policy
     return ref_on_policy, ref_on_parent, kl_fields(policy_at_t, ref_policy_at_t, settings.num_samples, None)
+
+
+def parent_reference_logprobs(model: Any, parent: list[Sample], pad_id: int,
+                              settings: EvalSettings) -> list[list[float]]:
+    """The parent's own temperature-1 log-probs of its samples (the parent side's reference NLL); called with the
+    adapter off. They depend on the parent alone, so they are cached with its samples."""
+    return reply_logprobs(model, parent, pad_id, settings.batch_size)
+
+
+@dataclass
+class ParentSamples:
+    """The parent's samples and its temperature-1 log-probs of them, and where they came from."""
+
+    samples: list[Sample]
+    ref_logprobs: list[list[float]]
+    cached: bool  # read from the sample cache
+    key: str | None  # the cache entry's key; None when the cache was not used (or could not be written)
+
+
+def sample_parent(model: Any, tokenizer: Any, prompts: list[Any], sampling: dict[str, Any],
+                  settings: EvalSettings) -> tuple[list[Sample], list[list[float]]]:
+    """The parent's samples (the same model with the artifact's adapter off, the same prompts and seed) and its
+    temperature-1 log-probs of them."""
+    with model.disable_adapter():
+        samples = generation.generate_samples(model, tokenizer, prompts, progress="sampling its parent", **sampling)
+        return samples, parent_reference_logprobs(model, samples, tokenizer.pad_token_id, settings)
+
+
+def parent_sampling_identity(artifact: Artifact, registry: Registry, model: Any, tokenizer: Any,
+                             prompts: list[Any], sampling: dict[str, Any], precision: str,
+                             device_type: str) -> dict[str, Any]:
+    """`sample_cache.parent_identity` of this evaluation's parent side: the artifact's base and chain (never its
+    own adapter), its tokenizer, the prompts and sampling config with the stop ids, the compute and the code."""
+    return sample_cache.parent_identity(
+        base=artifact.manifest.base_model, chain=sample_cache.chain_files(artifact.manifest.adapter_chain, registry),
+        tokenizer=sample_cache.tokenizer_identity(tokenizer), prompts=prompts,
+        sampling={**sampling, "stop_ids": generation.stop_token_ids(model, tokenizer)},
+        precision=precision, device_type=device_type, code=sample_cache.code_identity())
+
+
+def cached_parent_samples(model: Any, tokenizer: Any, prompts: list[Any], sampling: dict[str, Any],
+                          settings: EvalSettings, identity: dict[str, Any], root: Path) -> ParentSamples:
+    """The parent's samples and log-probs from the registry's sample cache, or sampled, computed and cached
+    there now. Under the entry's lock, so a concurrent evaluation of the same parent waits and reads them. A
+    cache that cannot be locked or written (a read-only registry) only costs the sampling."""
+    key = sample_cache.cache_key(identity)
+    path = sample_cache.entry_path(root, key)
+    with sample_cache.locked(path) as held:
+        found = sample_cache.read_entry(path, key, len(prompts)) if held else None
+        if found is not None:
+            return ParentSamples(*found, cached=True, key=key)
+        samples, logprobs = sample_parent(model, tokenizer, prompts, sampling, settings)
+        if held:
+            try:
+                sample_cache.write_entry(path, key, identity, samples, logprobs)
+            except OSError:
+                held = False
+    return ParentSamples(samples, logprobs, cached=False, key=key if held else None)
 
 
 def _side(samples: list[Sample], logp_ref: list[list[float]], judge_scores: list[float],
@@ -200,9 +268,19 @@ def _side(samples: list[Sample], logp_ref: list[list[float]], judge_scores: list
     return summary
 
 
-def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSettings,
-                      card_path: Path) -> EvalResult:
-    """Sample from the artifact and its parent on the card's held-out prompts and compare them."""
+def eval_precision(settings: EvalSettings, artifact: Artifact, device: dict[str, Any]) -> str:
+    """`--precision` made concrete by the one rule stages use (`device.resolve_precision`): `auto` is bf16 where
+    this device computes it fast and the model is large enough for it to pay, else fp32 (fp16 on GPUs without
+    bf16). A precision the device cannot do is a RecipeError naming the option, before any weights load."""
+    base = models.BaseModelSpec.from_manifest(artifact.manifest.base_model)
+    return resolve_precision(settings.precision, device, "align eval --precision", models.hidden_size(base))
+
+
+def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSettings, card_path: Path, *,
+                      cache: bool = True) -> EvalResult:
+    """Sample from the artifact and its parent on the card's held-out prompts and compare them. With `cache`
+    the parent's samples and log-probs come from (or go to) the registry's sample cache (`align.sample_cache`).
+    Sampling, log-probs and scores compute in the resolved precision, recorded in `settings.precision`."""
     from align.data import load_card, load_data
 
     if artifact.manifest.stage not in stages_producing("policy"):
@@ -211,28 +289,45 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
     rows = getattr(load_data(load_card(card_path)), settings.split)[: settings.limit]
     judge, _ = judges.load_judge(settings.judge, registry)
     reward = RewardModel.of(registry.resolve(settings.reward), "`align eval --reward`") if settings.reward else None
-    model, tokenizer = models.load_artifact_model(artifact, registry)
+    device = detect_device()
+    precision = eval_precision(settings, artifact, device)
+    settings = settings.model_copy(update={"precision": precision})
+    on = device["type"]
+
+    def compute() -> Any:  # a fresh autocast context for each block that runs the models
+        return models.compute_precision(precision, on)
+
+    model, tokenizer = models.load_artifact_model(artifact, registry, dtype=models.weight_dtype(precision, on))
+    if on == "cuda":
+        model = model.to(on)
     chat_template = artifact.manifest.adapter.chat_template
     prompts = [row["prompt"] for row in rows for _ in range(settings.num_samples)]
     sampling = {"chat_template": chat_template, "max_new_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
                 "batch_size": settings.batch_size}
 
-    policy = generation.generate_samples(model, tokenizer, prompts, progress="sampling the artifact", **sampling)
-    with model.disable_adapter():
-        parent = generation.generate_samples(model, tokenizer, prompts, progress="sampling its parent", **sampling)
-    ref_on_policy, ref_on_parent, kl = reference_logprobs_and_kl(model, policy, parent, tokenizer.pad_token_id,
-                                                                 settings)
+    with compute():
+        policy = generation.generate_samples(model, tokenizer, prompts, progress="sampling the artifact", **sampling)
+        if cache:
+            identity = parent_sampling_identity(artifact, registry, model, tokenizer, prompts, sampling, precision, on)
+            sampled = cached_parent_samples(model, tokenizer, prompts, sampling, settings, identity, registry.root)
+        else:
+            sampled = ParentSamples(*sample_parent(model, tokenizer, prompts, sampling, settings), cached=False,
+                                    key=None)
+        ref_on_policy, _, kl = reference_logprobs_and_kl(model, policy, None, tokenizer.pad_token_id, settings)
+    parent, ref_on_parent = sampled.samples, sampled.ref_logprobs
     group = settings.num_samples
 
-    judge_policy = judge(prompts, [s.text for s in policy])
-    judge_parent = judge(prompts, [s.text for s in parent])
+    with compute():
+        judge_policy = judge(prompts, [s.text for s in policy])
+        judge_parent = judge(prompts, [s.text for s in parent])
     reward_policy = reward_parent = None
     if reward is not None:
         del model  # one model at a time keeps peak memory at one copy of the weights
-        scorer = reward.load(registry)
-        reward_policy = scorer.score(prompts, [s.text for s in policy])
-        reward_parent = scorer.score(prompts, [s.text for s in parent])
+        scorer = reward.load(registry, dtype=models.weight_dtype(precision, on), device=on if on == "cuda" else None)
+        with compute():
+            reward_policy = scorer.score(prompts, [s.text for s in policy])
+            reward_parent = scorer.score(prompts, [s.text for s in parent])
 
     policy_side = _side(policy, ref_on_policy, judge_policy, reward_policy, group)
     parent_side = _side(parent, ref_on_parent, judge_parent, reward_parent, group)
@@ -260,6 +355,8 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
         "win_rate": win_rate(win_policy, win_parent),
         "win_rate_stderr": win_rate_stderr(win_policy, win_parent, group),
         "win_rate_by": f"reward:{reward.source}" if reward is not None else settings.judge,
+        "parent_samples_cached": sampled.cached,
+        "parent_samples_key": sampled.key,
         "examples": [
             {"prompt": p[-1]["content"], "parent": b.text, "artifact": a.text, "judge_parent": jb, "judge_artifact": ja}
             for p, a, b, ja, jb in list(zip(prompts, policy, parent, judge_policy, judge_parent,

@@ -4,6 +4,7 @@ for every mistake a user can make."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -114,6 +115,32 @@ def test_recipe_show_applies_overrides(run_align: Callable) -> None:
     result = run_align("recipe", "show", "recipes/tiny/sft.yaml", "--set", "train.learning_rate=0.5")
     assert result.returncode == 0, result.stderr
     assert "learning_rate: 0.5" in result.stdout
+
+
+def test_recipe_show_resolved_picks_cpu_precision_by_model_size(tmp_path: Path, run_align: Callable,
+                                                                 stories_dir: Path) -> None:
+    """`auto` is bf16 autocast only on a CPU with bf16 units and a model of hidden size >= 256, from the config
+    alone (the large model here is a config without weights); fp32 for stories260K (hidden 64) and when
+    ALIGN_CPU_BF16=0."""
+    from align.device import cpu_bf16_flags
+
+    large = tmp_path / "large"
+    large.mkdir()
+    (large / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 8, "intermediate_size": 1024,
+                                                   "vocab_size": 512}))
+
+    def precision(base: Path, **env: str) -> str:
+        command = [sys.executable, "-m", "align", "recipe", "show", str(REPO / "recipes/tiny/sft.yaml"), "--resolved",
+                   "--set", f"model.base={base}", "--registry", str(tmp_path / "registry")]
+        shown = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        return next(line.split(":")[1].strip() for line in shown.stdout.splitlines() if "precision:" in line)
+
+    assert precision(stories_dir) == "fp32"
+    assert precision(large) == ("bf16" if cpu_bf16_flags() else "fp32")
+    assert precision(large, ALIGN_CPU_BF16="0") == "fp32"
 
 
 def test_recipe_validate_checks_references(run_align: Callable, stories_dir: Path) -> None:

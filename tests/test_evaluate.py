@@ -307,3 +307,43 @@ def test_eval_and_report_tables_show_an_unmeasured_kl_as_a_dash() -> None:
     html = render_comparison(evals)
     assert "0.625 ± 0.125" in html and "<td>–</td>" in html
     assert plot_frontier(frontier_series(evals))[:4] == b"\x89PNG"  # no KL: the point is left out, nothing fails
+
+
+def test_eval_precision_is_the_stages_rule_with_the_models_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--precision` resolves by `device.resolve_precision`, given the base model's hidden size (what decides
+    whether bf16 pays on a CPU), and what the device cannot do is a RecipeError naming the option."""
+    from types import SimpleNamespace
+
+    from align import models
+    from align.device import resolve_precision
+    from align.errors import RecipeError
+    from align.eval_result import EvalSettings
+    from align.evaluate import eval_precision
+    from align.manifest import BaseIdentity
+
+    base = BaseIdentity(spec="m", kind="local", location="/m", revision=None, trust_remote_code=False, files=[])
+    artifact = SimpleNamespace(manifest=SimpleNamespace(base_model=base))
+    devices = [{"type": "cpu", "name": "cpu (avx512_bf16)", "bf16": True},
+               {"type": "cpu", "name": "cpu", "bf16": False},
+               {"type": "cuda", "name": "gpu", "bf16": True}, {"type": "cuda", "name": "old", "bf16": False}]
+    for hidden in (64, 576, None):
+        monkeypatch.setattr(models, "hidden_size", lambda _base, size=hidden: size)
+        for device in devices:
+            for requested in ("auto", "fp32", "bf16", "fp16"):
+                settings = EvalSettings(card="c", precision=requested)
+                try:
+                    expected = resolve_precision(requested, device, "align eval --precision", hidden)
+                except RecipeError:
+                    with pytest.raises(RecipeError, match=r"^align eval --precision: "):
+                        eval_precision(settings, artifact, device)
+                    continue
+                assert eval_precision(settings, artifact, device) == expected, (hidden, device, requested)
+
+
+def test_version_1_eval_result_reads_as_uncached_with_precision_auto() -> None:
+    raw = _eval_result().model_dump(mode="json", exclude={"parent_samples_cached", "parent_samples_key"})
+    raw["settings"].pop("precision")
+    raw["schema_version"] = 1
+    result = EvalResult.parse(raw, "eval.json")
+    assert result.settings.precision == "auto" and result.parent_samples_cached is False
+    assert result.parent_samples_key is None and result.schema_version == EvalResult.SCHEMA_VERSION
