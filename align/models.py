@@ -121,13 +121,13 @@ def guard_weight_loading(what: str) -> None:
         raise RuntimeError(f"{WEIGHTS_GUARD_ENV} is set but {what} was about to load weights")
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
 def _gguf_to_hf_dir(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a plain HF directory in the cache; later loads read the directory."""
-    target = _cache_root() / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
     if (target / "config.json").exists():
         return target
     guard_weight_loading(f"dequantising {gguf_path}")
@@ -406,7 +406,7 @@ def _config_location(base: BaseModelSpec) -> tuple[str, dict[str, Any]]:
     until it has been dequantised into the cache)."""
     if base.kind == "gguf":
         gguf = Path(base.location)
-        cached = _cache_root() / "gguf" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
+        cached = cache_root() / "gguf" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
         return (str(cached), {}) if (cached / "config.json").exists() else (str(gguf.parent), {"gguf_file": gguf.name})
     return _load_location(base)
 

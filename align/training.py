@@ -142,6 +142,10 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     for note in run.notes:
         say(note)
     runtime.signal_point("load-model")
+    if head == "score":  # the fresh score head is drawn from the global RNG: make it the recipe seed's draw
+        from transformers import set_seed
+
+        set_seed(recipe.train.seed)
     model = models.load_starting_model(start, registry, models.weight_dtype(recipe.train.precision, device["type"]),
                                        head)
     if head == "score":
@@ -152,31 +156,44 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
 def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *,
                   trainer_kwargs: dict[str, Any] | None = None, **stage_config: Any) -> Any:
     """A TRL trainer over the stage's rows with a fresh LoRA adapter; `stage_config` adds the stage's own
-    config fields to the shared TrainingArguments, `trainer_kwargs` its own trainer arguments (reward_funcs)."""
+    config fields to the shared TrainingArguments, `trainer_kwargs` its own trainer arguments (reward_funcs).
+    The rows reach TRL file-backed in the cache, so TRL tokenises them once (`align.data.tokenized`); with
+    `train.group_by_length`, SFT, DPO and reward batches hold rows of similar length (`align.batching`)."""
+    from align.batching import length_grouped
+    from align.data.tokenized import DatasetCache
+
     recipe = inputs.recipe
     # GRPO and RLOO have no max_length: they bound replies with max_completion_length instead.
     if "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
         stage_config = {"max_length": recipe.train.max_length, **stage_config}
     config = config_cls(**trainer_args(inputs.run), **stage_config)
+    # Online stages (grpo, rloo) sample their own batches of prompts: only offline rows are grouped.
+    if recipe.train.group_by_length and STAGES[recipe.stage].reads in ("sft", "preference"):
+        trainer_cls = length_grouped(trainer_cls)
+    cache = DatasetCache(models.cache_root() / "datasets",
+                         {"precision": recipe.train.precision, "device": inputs.run.device["type"]})
     runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
     return trainer_cls(
         model=inputs.model,
         args=config,
-        train_dataset=as_dataset(inputs.data.train, recipe.model.chat_template),
-        eval_dataset=as_dataset(inputs.data.eval, recipe.model.chat_template),
+        train_dataset=as_dataset(inputs.data.train, recipe.model.chat_template, cache),
+        eval_dataset=as_dataset(inputs.data.eval, recipe.model.chat_template, cache),
         processing_class=inputs.tokenizer,
         peft_config=models.lora_config(recipe.lora, STAGES[recipe.stage].task_type),
         **(trainer_kwargs or {}),
     )
 
 
-def as_dataset(rows: list[dict[str, Any]], chat_template: str) -> Any:
-    """Canonical rows as a `datasets.Dataset` in TRL's conversational form, or its plain-text form."""
+def as_dataset(rows: list[dict[str, Any]], chat_template: str, cache: Any = None) -> Any:
+    """Canonical rows as a `datasets.Dataset` in TRL's conversational form, or its plain-text form; with a
+    `tokenized.DatasetCache`, backed by an Arrow file there, so that TRL's tokenisation of it is cached too."""
     from datasets import Dataset
+
+    from align.data.tokenized import file_backed
 
     if chat_template == "none":
         rows = [to_plain_text_row(row) for row in rows]
-    return Dataset.from_list(rows)
+    return Dataset.from_list(rows) if cache is None else file_backed(rows, cache)
 
 
 def trainer_args(run: StageRun) -> dict[str, Any]:

@@ -103,3 +103,25 @@ def test_third_party_preference_data_trains(name: str, relative: str, fmt: str, 
     manifest = json.loads((tmp_path / "registry" / "tiny-rm" / "v1" / "manifest.json").read_text())
     assert manifest["metrics"]["global_step"] == 3 and manifest["data"][0]["format"] == fmt
     assert manifest["recipe"]["reward"]["center_rewards_coefficient"] == 0.01
+
+
+def test_fresh_score_head_is_drawn_from_the_recipe_seed(pairs_artifact: Path, sft_registry: Path,
+                                                        tmp_path: Path) -> None:
+    """The score head is new weights: they come from `train.seed`, not from whatever the process drew before."""
+    import shutil
+
+    import torch
+
+    from align import training
+    from align.artifacts import Registry
+    from align.recipe import load_recipe
+
+    def head(seed: int, process_seed: int) -> torch.Tensor:
+        torch.manual_seed(process_seed)
+        recipe = load_recipe(TINY_REWARD, [f"train.seed={seed}", f"name=seeded-{seed}-{process_seed}"])
+        inputs = training.prepare(recipe, Registry(registry), resume=False, say=lambda _: None)
+        return inputs.model.score.weight.detach().clone()
+
+    registry = shutil.copytree(sft_registry, tmp_path / "registry")  # prepare opens run directories there
+    assert torch.equal(head(3, 1), head(3, 2))
+    assert not torch.equal(head(3, 1), head(4, 1))
