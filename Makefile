@@ -45,7 +45,7 @@ SET       := $(notdir $(RECIPES))
 EVAL_CARD := $(if $(findstring tiny,$(SET)),data_cards/tiny-story-prompts.yaml,data_cards/demo-prompts.yaml)
 REPORT    := $(REGISTRY)/report-$(SET).html
 # The demo evaluates on fewer samples than `align eval`'s default (64 prompts x 4) to fit its time budget.
-EVAL_ARGS ?= $(if $(findstring demo,$(SET)),--limit 32 --num-samples 2 --max-new-tokens 32,)
+EVAL_ARGS ?= $(if $(findstring demo,$(SET)),--limit 64 --num-samples 2 --max-new-tokens 32,)
 
 pipeline: setup $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done $(REPORT)
 	@$(ALIGN) compare $(SET)-dpo@latest $(SET)-ppo@latest --registry $(REGISTRY)
