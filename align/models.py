@@ -6,6 +6,7 @@ A GGUF file is dequantised once into a cached Hugging Face directory (`$ALIGN_CA
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -413,7 +414,15 @@ def _config_location(base: BaseModelSpec) -> tuple[str, dict[str, Any]]:
 
 def base_config(base: BaseModelSpec) -> Any:
     """The base model's transformers config, read without its weights; None when it cannot be read here
-    (unreachable hub, odd directory): the weight loader then reports why, with context."""
+    (unreachable hub, odd directory): the weight loader then reports why, with context. A copy of one read per
+    process: a GGUF file's metadata takes seconds to parse, and the LoRA check and the precision rule both ask."""
+    import copy
+
+    return copy.deepcopy(_read_base_config(base))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_base_config(base: BaseModelSpec) -> Any:
     from transformers import AutoConfig
 
     location, kwargs = _config_location(base)
