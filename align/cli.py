@@ -71,16 +71,26 @@ class Split(StrEnum):
 
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this recipe.")]
+ProcessesOpt = Annotated[int | None, typer.Option(
+    "--num-processes", min=1, help="Same as --set launch.num_processes=N (all machines together).")]
+PresetOpt = Annotated[str | None, typer.Option(
+    "--preset", help="Same as --set launch.preset=NAME: ddp, fsdp2, zero2, zero3, zero3-offload.")]
+
+
+def _launch_overrides(num_processes: int | None, preset: str | None) -> list[str]:
+    """--num-processes/--preset as the recipe overrides they stand for (recorded in the manifest like --set)."""
+    return ([f"launch.num_processes={num_processes}"] if num_processes is not None else []) + (
+        [f"launch.preset={preset}"] if preset is not None else [])
 
 
 def _run_stage(stage: Stage, recipe_path: Path, overrides: list[str] | None, resume: bool,
                registry: Path | None) -> None:
     """Load the recipe, re-launch under Accelerate if asked, run the stage, print its summary."""
-    from align import runtime
+    from align import launch, runtime
     from align.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [], stage=stage.name)
-    code = runtime.launch_if_asked(recipe, sys.argv[1:])
+    code = launch.launch_if_asked(recipe, stage, sys.argv[1:])
     if code is not None:  # the launched processes ran the stage
         raise typer.Exit(code)
     notes = show.console(stderr=True)
@@ -99,11 +109,15 @@ def _stage_command(stage: Stage) -> Any:
     """The `align <stage> RECIPE` command of a registered stage (with --resume when the stage can resume)."""
     if stage.resumable:
         def command(recipe_path: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
-                    registry: RegistryOpt = None) -> None:
-            _run_stage(stage, recipe_path, overrides, resume, registry)
+                    registry: RegistryOpt = None, num_processes: ProcessesOpt = None,
+                    preset: PresetOpt = None) -> None:
+            _run_stage(stage, recipe_path, [*(overrides or []), *_launch_overrides(num_processes, preset)],
+                       resume, registry)
     else:
-        def command(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
-            _run_stage(stage, recipe_path, overrides, False, registry)
+        def command(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None,
+                    num_processes: ProcessesOpt = None, preset: PresetOpt = None) -> None:
+            _run_stage(stage, recipe_path, [*(overrides or []), *_launch_overrides(num_processes, preset)],
+                       False, registry)
     command.__doc__ = stage.summary
     return command
 
@@ -176,8 +190,12 @@ def eval_(
                                    "when an earlier eval drew them with the same parent weights, prompts and "
                                    "settings; --no-cache samples the parent again and leaves the cache alone.")] = True,
     registry: RegistryOpt = None,
+    num_processes: Annotated[int | None, typer.Option(
+        "--num-processes", min=1, help="Share the prompts among N processes (DDP ranks under accelerate launch); "
+                                       "rank 0 joins the results.")] = None,
 ) -> None:
     """Compare a policy with its parent on held-out prompts: judge and reward scores, KL, win rate, fluency."""
+    from align import launch
     from align.eval_result import EvalSettings
     from align.evaluate import evaluate_artifact
 
@@ -188,7 +206,12 @@ def eval_(
                             batch_size=batch_size, judge=judge, reward=reward, precision=precision)
     artifact = reg.resolve(ref)
     reg.check_can_add(artifact)  # eval.json goes beside the artifact: refuse a read-only one before sampling
+    code = launch.launch_processes_if_asked(num_processes, sys.argv[1:])
+    if code is not None:  # the launched ranks ran the evaluation
+        raise typer.Exit(code)
     result = evaluate_artifact(artifact, reg, settings, card.path, cache=cache)
+    if result is None:  # a rank other than 0 under `accelerate launch`: rank 0 reports
+        return
     show.console().print(show.eval_table(result))
     show.console().print(show.examples_table(result))
     if result.parent_samples_cached:
@@ -257,12 +280,16 @@ def export(
 
 @recipe_app.command("validate")
 def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None, registry: RegistryOpt = None) -> None:
-    """Check a recipe: schema, unknown keys, and that its data card and model/artifact references exist."""
+    """Check a recipe: schema, unknown keys, its launch, and that its data card and model/artifact references
+    exist."""
+    from align import launch
     from align.data import load_card, resolve_card
+    from align.device import detect_device
     from align.models import check_lora_targets, resolve_starting_point
     from align.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
+    launch.check(recipe, STAGES[recipe.stage], on_gpu=detect_device()["type"] == "cuda")
     reg = _registry(registry, recipe.output.root)
     card = load_card(resolve_card(recipe.data.card, recipe.path.parent, reg)[0])
     start = resolve_starting_point(recipe, reg)

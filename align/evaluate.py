@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align import generation, judges, models, sample_cache
+from align import generation, judges, models, runtime, sample_cache
 from align.device import detect_device, resolve_precision
 from align.errors import ArtifactError
 from align.eval_result import EVAL_FILE, EvalResult, EvalSettings
@@ -168,12 +168,23 @@ def reply_logprobs_at(model: Any, samples: Sequence[Sample], pad_id: int, temper
 # ---- the evaluation -------------------------------------------------------------------------------------------
 
 
-def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sample] | None, pad_id: int,
-                              settings: EvalSettings) -> tuple[list[list[float]], list[list[float]] | None,
-                                                                dict[str, Any]]:
-    """The reference's (adapter off) log-probs at temperature 1 of the policy's and of the parent's samples,
-    for the NLL guard, and the `kl_fields` of KL(policy || parent) on the policy's samples. `parent` None: the
-    parent's log-probs are not computed (they came from the sample cache with its samples) and None is returned.
+@dataclass
+class ReferenceLogprobs:
+    """The reference's (adapter off) temperature-1 log-probs of the policy's and the parent's samples, and the
+    two models' log-probs of the policy's samples at the sampling temperature (None, with `kl_note`, when the
+    sampling was greedy or truncated): per sample, so ranks' shares can be joined before any mean is taken."""
+
+    ref_on_policy: list[list[float]]
+    ref_on_parent: list[list[float]] | None
+    policy_at_t: list[list[float]] | None
+    ref_at_t: list[list[float]] | None
+    kl_note: str | None
+
+
+def reference_logprobs(model: Any, policy: list[Sample], parent: list[Sample] | None, pad_id: int,
+                       settings: EvalSettings) -> ReferenceLogprobs:
+    """The log-probs behind the NLL guard and KL(policy || parent) on the policy's samples. `parent` None: the
+    parent's log-probs are not computed (they came from the sample cache with its samples).
 
     The KL is of the distributions sampled: both models' log-probs at the sampling temperature, or none at all
     when the sampling was greedy or truncated (see `kl_note`). The reference NLL stays at temperature 1: it is a
@@ -186,10 +197,19 @@ def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sam
         ref_on_policy, *ref_at_t = reply_logprobs_at(model, policy, pad_id, temperatures, settings.batch_size)
         ref_on_parent = parent_reference_logprobs(model, parent, pad_id, settings) if parent is not None else None
     if note is not None:
-        return ref_on_policy, ref_on_parent, kl_fields(None, None, settings.num_samples, note)
+        return ReferenceLogprobs(ref_on_policy, ref_on_parent, None, None, note)
     policy_at_t = reply_logprobs(model, policy, pad_id, settings.batch_size, temperature=settings.temperature)
-    ref_policy_at_t = ref_at_t[0] if ref_at_t else ref_on_policy
-    return ref_on_policy, ref_on_parent, kl_fields(policy_at_t, ref_policy_at_t, settings.num_samples, None)
+    return ReferenceLogprobs(ref_on_policy, ref_on_parent, policy_at_t, ref_at_t[0] if ref_at_t else ref_on_policy,
+                             None)
+
+
+def reference_logprobs_and_kl(model: Any, policy: list[Sample], parent: list[Sample] | None, pad_id: int,
+                              settings: EvalSettings) -> tuple[list[list[float]], list[list[float]] | None,
+                                                                dict[str, Any]]:
+    """`reference_logprobs` with the `kl_fields` of KL(policy || parent) computed from them."""
+    found = reference_logprobs(model, policy, parent, pad_id, settings)
+    return found.ref_on_policy, found.ref_on_parent, kl_fields(found.policy_at_t, found.ref_at_t,
+                                                               settings.num_samples, found.kl_note)
 
 
 def parent_reference_logprobs(model: Any, parent: list[Sample], pad_id: int,
@@ -276,11 +296,27 @@ def eval_precision(settings: EvalSettings, artifact: Artifact, device: dict[str,
     return resolve_precision(settings.precision, device, "align eval --precision", models.hidden_size(base))
 
 
+def join_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' shares of an evaluation as one: lists joined in rank order (None when a rank measured none),
+    cached when every rank read the cache, the cache keys of all ranks."""
+    joined: dict[str, Any] = {}
+    for name in shares[0]:
+        values = [share[name] for share in shares]
+        if name == "cached":
+            joined[name] = all(values)
+        elif name == "key":
+            joined[name] = None if None in values else ",".join(values)
+        else:
+            joined[name] = None if any(v is None for v in values) else [item for v in values for item in v]
+    return joined
+
+
 def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSettings, card_path: Path, *,
-                      cache: bool = True) -> EvalResult:
+                      cache: bool = True) -> EvalResult | None:
     """Sample from the artifact and its parent on the card's held-out prompts and compare them. With `cache`
     the parent's samples and log-probs come from (or go to) the registry's sample cache (`align.sample_cache`).
-    Sampling, log-probs and scores compute in the resolved precision, recorded in `settings.precision`."""
+    Sampling, log-probs and scores compute in the resolved precision, recorded in `settings.precision`.
+    Under `accelerate launch` the ranks share the prompts; rank 0 writes and returns the result, others None."""
     from align.data import load_card, load_data
 
     if artifact.manifest.stage not in stages_producing("policy"):
@@ -297,11 +333,19 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
     def compute() -> Any:  # a fresh autocast context for each block that runs the models
         return models.compute_precision(precision, on)
 
+    # Under `accelerate launch` each rank evaluates its share of the prompts (all samples of a prompt on one
+    # rank, so the per-prompt clusters of the standard errors stay whole) and rank 0 joins them.
+    rank, world = runtime.world()
+    target = on
+    if world > 1:
+        from accelerate import PartialState
+
+        target = PartialState().device  # joins the ranks' process group; each rank on its own GPU
     model, tokenizer = models.load_artifact_model(artifact, registry, dtype=models.weight_dtype(precision, on))
     if on == "cuda":
-        model = model.to(on)
+        model = model.to(target)
     chat_template = artifact.manifest.adapter.chat_template
-    prompts = [row["prompt"] for row in rows for _ in range(settings.num_samples)]
+    prompts = [row["prompt"] for row in rows[rank::world] for _ in range(settings.num_samples)]
     sampling = {"chat_template": chat_template, "max_new_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
                 "batch_size": settings.batch_size}
@@ -314,20 +358,33 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
         else:
             sampled = ParentSamples(*sample_parent(model, tokenizer, prompts, sampling, settings), cached=False,
                                     key=None)
-        ref_on_policy, _, kl = reference_logprobs_and_kl(model, policy, None, tokenizer.pad_token_id, settings)
-    parent, ref_on_parent = sampled.samples, sampled.ref_logprobs
-    group = settings.num_samples
+        refs = reference_logprobs(model, policy, None, tokenizer.pad_token_id, settings)
 
     with compute():
         judge_policy = judge(prompts, [s.text for s in policy])
-        judge_parent = judge(prompts, [s.text for s in parent])
+        judge_parent = judge(prompts, [s.text for s in sampled.samples])
     reward_policy = reward_parent = None
     if reward is not None:
         del model  # one model at a time keeps peak memory at one copy of the weights
-        scorer = reward.load(registry, dtype=models.weight_dtype(precision, on), device=on if on == "cuda" else None)
+        scorer = reward.load(registry, dtype=models.weight_dtype(precision, on),
+                             device=target if on == "cuda" else None)
         with compute():
             reward_policy = scorer.score(prompts, [s.text for s in policy])
-            reward_parent = scorer.score(prompts, [s.text for s in parent])
+            reward_parent = scorer.score(prompts, [s.text for s in sampled.samples])
+
+    joined = join_shares(runtime.gather_objects({
+        "prompts": prompts, "policy": policy, "parent": sampled.samples, "ref_on_policy": refs.ref_on_policy,
+        "ref_on_parent": sampled.ref_logprobs, "policy_at_t": refs.policy_at_t, "ref_at_t": refs.ref_at_t,
+        "judge_policy": judge_policy, "judge_parent": judge_parent, "reward_policy": reward_policy,
+        "reward_parent": reward_parent, "cached": sampled.cached, "key": sampled.key}))
+    if not runtime.is_main_process():
+        return None
+    prompts, policy, parent = joined["prompts"], joined["policy"], joined["parent"]
+    ref_on_policy, ref_on_parent = joined["ref_on_policy"], joined["ref_on_parent"]
+    judge_policy, judge_parent = joined["judge_policy"], joined["judge_parent"]
+    reward_policy, reward_parent = joined["reward_policy"], joined["reward_parent"]
+    group = settings.num_samples
+    kl = kl_fields(joined["policy_at_t"], joined["ref_at_t"], group, refs.kl_note)
 
     policy_side = _side(policy, ref_on_policy, judge_policy, reward_policy, group)
     parent_side = _side(parent, ref_on_parent, judge_parent, reward_parent, group)
@@ -355,8 +412,8 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
         "win_rate": win_rate(win_policy, win_parent),
         "win_rate_stderr": win_rate_stderr(win_policy, win_parent, group),
         "win_rate_by": f"reward:{reward.source}" if reward is not None else settings.judge,
-        "parent_samples_cached": sampled.cached,
-        "parent_samples_key": sampled.key,
+        "parent_samples_cached": joined["cached"],
+        "parent_samples_key": joined["key"],
         "examples": [
             {"prompt": p[-1]["content"], "parent": b.text, "artifact": a.text, "judge_parent": jb, "judge_artifact": ja}
             for p, a, b, ja, jb in list(zip(prompts, policy, parent, judge_policy, judge_parent,

@@ -122,6 +122,16 @@ class ValueAdapterInfo(AdapterInfo):
     value: str  # where the PPO value adapter and head are
 
 
+class LaunchRecord(Strict):
+    """How the run was launched (align.launch): the preset or own config, the distributed type its ranks ran
+    under (Accelerate's names: NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED) and the machines; world_size beside."""
+
+    preset: str | None  # None: one process, or the recipe's own accelerate_config
+    accelerate_config: str | None  # the resolved config's file in the artifact; None: one plain process
+    distributed_type: str
+    num_machines: int
+
+
 class FileRecord(Strict):
     """One file as it was written: what `align artifacts verify` re-hashes and stages check the size of."""
 
@@ -136,7 +146,7 @@ class Metrics(Strict):
 class Manifest(Record):
     """What every artifact records. Subclasses fix `stage` to one value and add their metrics and details."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     schema_version: int
     name: str
@@ -156,6 +166,7 @@ class Manifest(Record):
     metrics: Metrics
     device: Device
     world_size: int
+    launch: LaunchRecord | None  # None: written before schema 3, not recorded
     resumed_from: str | None
     packages: dict[str, str | None]
     python: str
@@ -167,6 +178,8 @@ class Manifest(Record):
 
     @classmethod
     def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version < 3:
+            data.setdefault("launch", None)
         if version < 2:
             data.setdefault("files", None)
         if version == 0 and isinstance(data.get("adapter"), dict) and "max_length" not in data["adapter"]:

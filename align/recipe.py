@@ -259,8 +259,24 @@ class RlooSection(_GroupSection):
 
 
 class LaunchSection(_Section):
-    num_processes: int = Field(1, gt=0, description="Above 1: align re-launches itself with `accelerate launch`")
-    accelerate_config: str | None = Field(None, description="Accelerate config file (recipes/accelerate/*.yaml)")
+    """How many processes on how many machines, and how they share the model (align.launch)."""
+
+    preset: Literal["ddp", "fsdp2", "zero2", "zero3", "zero3-offload"] | None = Field(
+        None, description="An Accelerate config under recipes/accelerate/ (None with several processes: ddp)")
+    accelerate_config: str | None = Field(None, description="Your own Accelerate config file, instead of a preset")
+    num_processes: int | None = Field(None, gt=0, description="Processes of all machines together; above 1 (or "
+                                                              "with a preset) align re-launches itself with "
+                                                              "`accelerate launch`; None: the config's, else 1")
+    num_machines: int = Field(1, gt=0)
+    machine_rank: int = Field(0, ge=0, description="This machine's rank (0 = the one at main_process_ip)")
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (needed with num_machines > 1)")
+    main_process_port: int | None = Field(None, gt=0, lt=65536)
+
+    @model_validator(mode="after")
+    def _one_config(self) -> LaunchSection:
+        if self.preset and self.accelerate_config:
+            raise ValueError("give either preset or accelerate_config, not both")
+        return self
 
 
 class OutputSection(_Section):

@@ -1,22 +1,16 @@
-"""Process-level concerns every stage shares: ranks and seeds, graceful SIGTERM, self-launch under Accelerate."""
+"""Process-level concerns every stage shares: ranks and seeds, graceful SIGTERM (launching: align.launch)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from align.errors import RecipeError, StageInterrupted
-
-if TYPE_CHECKING:
-    from align.recipe import Recipe
+from align.errors import StageInterrupted
 
 
 def world() -> tuple[int, int]:
@@ -191,44 +185,3 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
         if step.isdigit() and (path / "trainer_state.json").exists():
             candidates.append((int(step), path))
     return max(candidates)[1] if candidates else None
-
-
-# ---- self-launch ---------------------------------------------------------------------------------------------
-
-
-def should_self_launch(num_processes: int) -> bool:
-    """True when a recipe asks for several processes and we are not already one of them."""
-    return num_processes > 1 and "WORLD_SIZE" not in os.environ and "ALIGN_LAUNCHED" not in os.environ
-
-
-def accelerate_command(argv: list[str], num_processes: int, config_file: Path | None, on_gpu: bool) -> list[str]:
-    """`accelerate launch ... -m align <argv>`. On CPU, `--cpu --num_processes N` silently runs one process,
-    so CPU runs ask for the multi-GPU launcher, which falls back to gloo ranks."""
-    launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    cmd = [launcher, "launch", "--num_processes", str(num_processes), "--num_machines", "1"]
-    if config_file is not None:
-        if not config_file.is_file():
-            raise RecipeError(f"launch.accelerate_config: {config_file} does not exist")
-        cmd += ["--config_file", str(config_file)]
-    elif not on_gpu:
-        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    else:
-        cmd += ["--multi_gpu", "--dynamo_backend", "no"]
-    return [*cmd, "-m", "align", *argv]
-
-
-def self_launch(argv: list[str], num_processes: int, config_file: Path | None, on_gpu: bool) -> int:
-    cmd = accelerate_command(argv, num_processes, config_file, on_gpu)
-    env = {**os.environ, "ALIGN_LAUNCHED": "1"}
-    return subprocess.call(cmd, env=env)
-
-
-def launch_if_asked(recipe: Recipe, argv: list[str]) -> int | None:
-    """Re-run the command `argv` under `accelerate launch` when the recipe asks for several processes and this is
-    not already one of them; returns the launcher's exit code, or None when this process should run the stage."""
-    if not should_self_launch(recipe.launch.num_processes):
-        return None
-    from align.device import detect_device
-
-    config = recipe.relative_path(recipe.launch.accelerate_config) if recipe.launch.accelerate_config else None
-    return self_launch(argv, recipe.launch.num_processes, config, detect_device()["type"] == "cuda")

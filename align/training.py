@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from align import models, redaction, runtime
+from align import launch, models, redaction, runtime
 from align.artifacts import Artifact, Registry, git_state, package_versions, parent_entry
 from align.data import LoadedData, get_format, load_card, load_data, resolve_card
 from align.data.lengths import recipe_max_length
@@ -56,8 +56,12 @@ class StageRun:
 def open_run(recipe: Recipe, registry: Registry, start: StartingPoint, data_summary: dict[str, Any],
              device: dict[str, Any], resume: bool, data_parent: Artifact | None = None) -> StageRun:
     """Find (with --resume) or reset the run directory for this exact recipe, starting point and data."""
+    # Every machine of a multi-node run must find the same run directory (checkpoints are shared): the one
+    # recipe field that differs between them stays out of the key.
+    recipe_content = recipe.to_dict()
+    recipe_content["launch"] = {k: v for k, v in recipe_content["launch"].items() if k != "machine_rank"}
     key = sha256_json({
-        "recipe": recipe.to_dict(),
+        "recipe": recipe_content,
         "start": [entry.model_dump() for entry in start.chain],
         "base": start.base.location,
         "data": [f["sha256"] for f in data_summary.get("files", [])],
@@ -350,6 +354,7 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
             **details,
             "device": run.device,
             "world_size": runtime.world()[1],
+            "launch": launch.record(recipe),
             "resumed_from": run.resume_from.name if run.resume_from else None,
             "packages": package_versions(),
             "python": platform.python_version(),
@@ -358,6 +363,7 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
         }
         with run.registry.staging(recipe.name) as staging:
             write_files(staging)
+            launch.write_config(recipe, staging)
             sort_adapter_targets(staging)
             # Tracker logs (TensorBoard event files) of the run: TRL's under checkpoints/runs, ours under logs/.
             for logs in (run.run_dir / "logs", run.checkpoints / "runs"):

@@ -4,6 +4,7 @@ buying it with broken text, and every loss TRL implements runs."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +77,16 @@ def test_every_loss_type_runs_a_step(pairs_artifact: Path, sft_registry: Path) -
     assert artifact.manifest.dpo.loss_type == list(DPO_LOSS_TYPES)
     assert artifact.manifest.metrics.global_step == 1
     assert math.isfinite(artifact.manifest.metrics.train_loss)
+
+
+def test_the_sigmoid_loss_at_the_reference_is_known_without_evaluating() -> None:
+    """`dpo` skips the before-training eval pass for the sigmoid loss: the value TRL measured there (recorded
+    by a version-0 run in the fixtures) is ln 2, whatever the data; other losses are still evaluated."""
+    from align.recipe import DpoSection
+    from align.stages.dpo import loss_at_reference
+
+    measured = json.loads((Path(__file__).parent / "fixtures" / "v0" / "dpo.manifest.json").read_text())
+    assert abs(loss_at_reference(DpoSection()) - measured["metrics"]["eval_loss_before"]) < 1e-6
+    assert loss_at_reference(DpoSection(label_smoothing=0.1, loss_weights=[2.0])) == pytest.approx(2 * math.log(2))
+    assert loss_at_reference(DpoSection(loss_type=["hinge"])) is None
+    assert loss_at_reference(DpoSection(loss_type=["sigmoid", "sft"])) is None

@@ -1,5 +1,5 @@
 """`align sft` end to end on the real stories260K model: versions, manifests, lineage, chaining, efficacy,
-interruption and resume, and concurrent multi-process launch. Every run is a real CLI subprocess."""
+interruption and resume. Every run is a real CLI subprocess."""
 
 from __future__ import annotations
 
@@ -78,13 +78,3 @@ def test_recipe_from_an_artifact_continues_it(sft_registry: Path, run_align: Cal
     lines = lineage.stdout.splitlines()
     assert "tiny-sft-more@v1" in lines[0] and any("model: tiny-sft@v1" in line for line in lines[1:])
 
-
-def test_two_processes_publish_once(tmp_path: Path, run_align: Callable, stories_dir: Path) -> None:
-    """`launch.num_processes: 2` re-launches under accelerate (two gloo ranks on CPU); only rank 0 publishes."""
-    registry = tmp_path / "registry"
-    result = run_align("sft", TINY_SFT, "--registry", registry, "--set", "launch.num_processes=2",
-                       "--set", "train.max_steps=6", "--set", "sft.num_samples=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (registry / "tiny-sft").glob("v*")) == ["v1"]
-    m = manifest(registry, "tiny-sft", 1)
-    assert m["world_size"] == 2 and m["metrics"]["global_step"] == 6

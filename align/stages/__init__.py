@@ -39,6 +39,10 @@ class Stage:
     # The settings (in its section, first set one wins) that hold its pull towards the parent: the report
     # labels its reward-KL frontier points with them.
     kl_settings: tuple[str, ...] = ()
+    # Accelerate distributed types it runs under (align.launch checks a recipe's preset and each launched rank),
+    # and why it refuses the others.
+    distributed: tuple[str, ...] = ("MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
+    distributed_note: str = ""
 
     @property
     def manifest(self) -> type[Manifest]:
@@ -60,6 +64,14 @@ class Stage:
         return module.run(recipe, registry, resume=resume, say=say)
 
 
+DATA_PARALLEL = ("MULTI_GPU", "MULTI_CPU")
+PPO_SHARDING_NOTE = (
+    "its rollouts decode with align's own loop, each rank its own prompts for its own number of steps, and its "
+    "roles switch adapters between forward passes of one model; sharded parameters (FSDP, ZeRO-3) are gathered by "
+    "collective calls in every forward, which ranks reach a different number of times, and a DeepSpeed engine "
+    "owns the model's forward and optimizer step. Use ddp (every rank holds the whole model, one base shared by "
+    "all four roles) or model.quantization to fit a larger model")
+
 # ---- the registry -----------------------------------------------------------------------------------------
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
@@ -69,7 +81,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("pairs", "Preference pairs: sample K replies per prompt from a policy, label them with a judge -> a "
           "versioned card.", reads="prompts", produces="dataset", task_type=None, manifest_model="PairsManifest",
           headline=("pairs_train", "pairs_eval", "judge_mean", "replies_per_second"),
-          resumable=False),
+          resumable=False, distributed=DATA_PARALLEL,
+          distributed_note="it trains nothing: each rank samples its share of the prompts with a whole model"),
     Stage("reward", "Reward model with LoRA + score head on preference pairs -> a versioned reward adapter.",
           reads="preference", produces="reward", task_type="SEQ_CLS", manifest_model="RewardManifest",
           headline=("eval_accuracy_before", "eval_accuracy", "eval_pairs")),
@@ -78,7 +91,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           headline=("eval_reward_accuracy", "eval_reward_margin"), kl_settings=("beta",)),
     Stage("ppo", "PPO from an SFT artifact with a reward artifact: policy, value and reward adapters on one base "
           "model.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest_model="PpoManifest",
-          headline=("eval_score_before", "eval_score", "kl_last"), kl_settings=("target_kl", "kl_coef")),
+          headline=("eval_score_before", "eval_score", "kl_last"), kl_settings=("target_kl", "kl_coef"),
+          distributed=DATA_PARALLEL, distributed_note=PPO_SHARDING_NOTE),
     Stage("grpo", "GRPO (TRL): group-relative policy optimisation with a reward artifact and/or a reward "
           "function.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest_model="GrpoManifest",
           headline=("reward_first", "reward_last", "kl_last"), kl_settings=("beta",)),

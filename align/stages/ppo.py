@@ -15,7 +15,6 @@ import torch
 
 from align import generation, judges, models, redaction, rewards, runtime, training
 from align.artifacts import Artifact, Registry
-from align.errors import RecipeError
 from align.ppo import roles as ppo_roles
 from align.ppo import trainer as ppo_trainer
 from align.ppo.rollout import sequence_scores
@@ -37,9 +36,6 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
     accelerator = Accelerator(cpu=run_state.device["type"] == "cpu", project_dir=str(run_state.run_dir / "logs"),
                               log_with=training.trackers(recipe.train.report_to) or None,
                               mixed_precision={"fp32": "no"}.get(recipe.train.precision, recipe.train.precision))
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise RecipeError(f"launch.accelerate_config: align ppo runs single-process or DDP, not "
-                          f"{accelerator.distributed_type.value}: its roles switch adapters inside one forward pass")
     runtime.wait_for_everyone()  # rank 0 may have just cleared the checkpoints of an older run
     torch.manual_seed(recipe.train.seed)  # fresh LoRA weights: the same on every rank and every resume
     dtype = models.weight_dtype(recipe.train.precision, run_state.device["type"])
