@@ -101,9 +101,23 @@ def resolved_config(recipe: Recipe) -> dict[str, Any] | None:
     config.setdefault("num_processes", 1)
     config.setdefault("num_machines", 1)
     config.setdefault("machine_rank", 0)
+    config.setdefault("distributed_type", "MULTI_GPU" if config["num_processes"] > 1 else "NO")
     if config["num_machines"] == 1:  # no rendezvous across machines: leave accelerate its local defaults
         config.pop("main_process_ip", None)
     return config
+
+
+def launched_config(recipe: Recipe) -> dict[str, Any] | None:
+    """The resolved config when it runs more than one process (align then launches), else None: a preset or
+    config file with a single process runs as one plain process, as Accelerate itself would."""
+    config = resolved_config(recipe)
+    return config if config is not None and (config["num_processes"] > 1 or config["num_machines"] > 1) else None
+
+
+def process_count(recipe: Recipe) -> int:
+    """How many processes the recipe's launch runs, all machines together (1: one plain process)."""
+    config = resolved_config(recipe)
+    return int(config["num_processes"]) if config is not None else 1
 
 
 def distributed_type_of(config: dict[str, Any]) -> str:
@@ -121,7 +135,7 @@ def check(recipe: Recipe, stage: Stage, *, on_gpu: bool) -> dict[str, Any] | Non
     where = (f"{recipe.path}: launch.accelerate_config: {launch.accelerate_config}" if launch.accelerate_config
              else f"{recipe.path}: launch.preset: {launch.preset or 'ddp'}")
     kind = distributed_type_of(config)
-    if kind not in stage.distributed:
+    if kind != "NO" and kind not in stage.distributed:
         raise RecipeError(f"{where}: align {stage.name} does not run under {FAMILY.get(kind, kind)}"
                           f"{stage.distributed_note and ': ' + stage.distributed_note} (it runs under: "
                           f"{', '.join(sorted({FAMILY.get(t, t) for t in stage.distributed}))})")
@@ -166,7 +180,7 @@ def running_distributed_type() -> str:
 
 def record(recipe: Recipe) -> dict[str, Any]:
     """What the manifest says about how the run was launched (world size is recorded beside it)."""
-    config = resolved_config(recipe)
+    config = launched_config(recipe)
     return {
         "preset": (recipe.launch.preset or "ddp") if config is not None and not recipe.launch.accelerate_config
         else None,
@@ -182,7 +196,7 @@ def write_config(recipe: Recipe, directory: Path) -> None:
 
     from align.redaction import redact
 
-    config = resolved_config(recipe)
+    config = launched_config(recipe)
     if config is not None:
         (directory / CONFIG_FILE_NAME).write_text(yaml.safe_dump(redact(config), sort_keys=False), encoding="utf-8")
 
@@ -201,7 +215,8 @@ def launch_if_asked(recipe: Recipe, stage: Stage, argv: list[str]) -> int | None
         return None
     from align.device import detect_device
 
-    config = check(recipe, stage, on_gpu=detect_device()["type"] == "cuda")
+    check(recipe, stage, on_gpu=detect_device()["type"] == "cuda")
+    config = launched_config(recipe)
     return None if config is None else spawn(config, argv)
 
 

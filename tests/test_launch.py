@@ -129,6 +129,12 @@ def test_dpo_under_fsdp2_on_two_cpu_ranks(tmp_path: Path, run_align: Callable, p
     m = manifest(registry, "tiny-dpo")
     assert m["world_size"] == 2 and m["launch"]["distributed_type"] == "FSDP" and m["metrics"]["global_step"] == 3
     assert m["metrics"]["eval_reward_accuracy"] is not None
+    result = run_align("reward", TINY / "reward.yaml", "--registry", registry, "--preset", "fsdp2",
+                       "--num-processes", "2", "--set", "train.max_steps=3", "--set", "train.num_train_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = manifest(registry, "tiny-rm")
+    assert m["world_size"] == 2 and m["launch"]["distributed_type"] == "FSDP" and m["metrics"]["global_step"] == 3
+    assert m["adapter"]["normalisation"] is not None  # the reward statistics were gathered over both ranks
     # `align eval` shares the prompts between two ranks; rank 0 joins them and writes one eval.json.
     result = run_align("eval", "tiny-dpo@v1", "--data", REPO / "data_cards" / "tiny-story-prompts.yaml", "--limit",
                        "6", "--num-samples", "2", "--max-new-tokens", "8", "--num-processes", "2",
@@ -173,3 +179,33 @@ def test_two_machines_on_the_loopback_address_publish_once(tmp_path: Path, run_a
     assert sorted(p.name for p in (registry / "tiny-sft").glob("v*")) == ["v1"]
     m = manifest(registry, "tiny-sft")
     assert m["world_size"] == 2 and m["launch"]["num_machines"] == 2 and m["launch"]["preset"] == "ddp"
+
+
+@pytest.mark.slow
+def test_pairs_ranks_sample_different_prompts(tmp_path: Path, run_align: Callable, sft_registry: Path) -> None:
+    """Two DDP ranks each sample their own share of the prompts: every prompt is answered once, none twice."""
+    registry = tmp_path / "registry"
+    shutil.copytree(sft_registry / "tiny-sft", registry / "tiny-sft")
+    result = run_align("pairs", TINY / "pairs.yaml", "--registry", registry, "--num-processes", "2",
+                       "--set", "data.limit=40", "--set", "pairs.max_new_tokens=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = manifest(registry, "tiny-pairs")
+    assert m["world_size"] == 2 and m["launch"]["distributed_type"] == "MULTI_GPU"
+    lines = (registry / "tiny-pairs" / "v1" / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    # One line per prompt with its 4 replies: each prompt was sampled by exactly one of the two ranks.
+    assert len(samples) == m["metrics"]["prompts_train"] + m["metrics"]["prompts_eval"] > 0
+    assert all(len(sample["replies"]) == 4 for sample in samples)
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_two_ranks(tmp_path: Path, run_align: Callable, reward_artifact: Path,
+                                  sft_registry: Path) -> None:
+    registry = tmp_path / "registry"
+    for name in ("tiny-sft", "tiny-rm"):
+        shutil.copytree(sft_registry / name, registry / name)
+    result = run_align("grpo", TINY / "grpo.yaml", "--registry", registry, "--num-processes", "2",
+                       "--set", "train.max_steps=2", "--set", "grpo.max_new_tokens=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = manifest(registry, "tiny-grpo")
+    assert m["world_size"] == 2 and m["metrics"]["global_step"] == 2

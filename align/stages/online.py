@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from align import generation, rewards, runtime
+from align import generation, launch, rewards, runtime
 from align.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def check_batch(recipe: Recipe) -> None:
     batch, `num_generations` per prompt; say which recipe fields to change instead of TRL's ValueError."""
     stage, train = recipe.stage, recipe.train
     groups = getattr(recipe, stage).num_generations
-    processes = max(runtime.world()[1], recipe.launch.num_processes)
+    processes = max(runtime.world()[1], launch.process_count(recipe))
     batch = train.per_device_train_batch_size * processes * train.gradient_accumulation_steps
     if batch % groups:
         across = f" x {processes} processes" if processes > 1 else ""
