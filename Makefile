@@ -11,7 +11,7 @@ ALIGN      := HF_HUB_OFFLINE=1 $(BIN)/align
 STAMPS     := $(REGISTRY)/.stamps/$(subst /,_,$(RECIPES))
 INSTALLED  := $(VENV)/.installed
 
-.PHONY: setup test demo pipeline lint clean bench
+.PHONY: setup test demo pipeline iterate lint clean bench
 
 setup: $(INSTALLED)
 
@@ -71,6 +71,28 @@ $(STAMPS)/eval-%.done: $(STAMPS)/%.done $(STAMPS)/reward.done $(EVAL_CARD)
 
 $(REPORT): $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done
 	$(ALIGN) report --registry $(REGISTRY) --out $@
+
+# Iterative (online) DPO: round 1 is the pipeline's dpo; round k samples new pairs from round k-1's policy
+# ($(SET)-pairs-rk) and trains $(SET)-dpo-rk from that policy on them, so round k's reference is round k-1's policy.
+# `make iterate ROUNDS=3 RECIPES=recipes/tiny`; ARGS_pairs / ARGS_dpo apply to every round.
+ROUNDS     ?= 2
+ROUND_LIST := $(if $(filter-out 0 1,$(ROUNDS)),$(shell seq 2 $(ROUNDS)),)
+round_stamp = $(if $(filter 1,$(1)),dpo,dpo-r$(1))
+round_dpo   = $(if $(filter 1,$(1)),$(SET)-dpo,$(SET)-dpo-r$(1))
+define round
+$(STAMPS)/pairs-r$(1).done: $(RECIPES)/pairs.yaml $(STAMPS)/$(call round_stamp,$(2)).done
+	$(ALIGN) pairs $$< --registry $(REGISTRY) --set name=$(SET)-pairs-r$(1) \
+	  --set model.from=$(call round_dpo,$(2))@latest $$(ARGS_pairs)
+	touch $$@
+$(STAMPS)/dpo-r$(1).done: $(RECIPES)/dpo.yaml $(STAMPS)/pairs-r$(1).done
+	$(ALIGN) dpo $$< --registry $(REGISTRY) --set name=$(SET)-dpo-r$(1) \
+	  --set model.from=$(call round_dpo,$(2))@latest --set data.card=$(SET)-pairs-r$(1)@latest $$(ARGS_dpo)
+	touch $$@
+endef
+$(foreach k,$(ROUND_LIST),$(eval $(call round,$(k),$(shell expr $(k) - 1))))
+
+iterate: setup $(STAMPS)/$(call round_stamp,$(ROUNDS)).done
+	@$(ALIGN) artifacts lineage $(call round_dpo,$(ROUNDS))@latest --registry $(REGISTRY)
 
 lint: setup
 	$(BIN)/ruff check align tests data_cards bench

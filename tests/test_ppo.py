@@ -154,7 +154,7 @@ def test_separate_models_give_the_same_run(reward_artifact: Path, sft_registry: 
     (["ppo.kl_coef=0"], "kl_coef"),
     (["ppo.kl_estimator=k2"], "kl_estimator"),
     (["train.report_to=nosuchtracker"], "report_to"),
-    (["train.report_to=tensorboard"], "not installed"),  # no tracker is a dependency of align
+    (["train.report_to=trackio"], "pip install trackio"),  # not installed: no tracker is a dependency of align
     ([f"ppo.reward_model={REPO.parent / 'shared' / 'models' / 'stories260K'}"], "use ppo.models: separate"),
 ])
 def test_user_errors_exit_2_and_publish_nothing(overrides: list[str], message: str, reward_artifact: Path,
