@@ -72,22 +72,32 @@ $(STAMPS)/eval-%.done: $(STAMPS)/%.done $(STAMPS)/reward.done $(EVAL_CARD)
 $(REPORT): $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done
 	$(ALIGN) report --registry $(REGISTRY) --out $@
 
-# Iterative (online) DPO: round 1 is the pipeline's dpo; round k samples new pairs from round k-1's policy
-# ($(SET)-pairs-rk) and trains $(SET)-dpo-rk from that policy on them, so round k's reference is round k-1's policy.
-# `make iterate ROUNDS=3 RECIPES=recipes/tiny`; ARGS_pairs / ARGS_dpo apply to every round.
+# Iterative (online) DPO: round 1 is the pipeline's dpo; round k samples new pairs ($(SET)-pairs-rk) from round
+# k-1's policy and trains $(SET)-dpo-rk from that policy on them, so round k's reference is round k-1's policy.
+# `make iterate ROUNDS=3 RECIPES=recipes/tiny` ends with the lineage of the last round. The rounds run the
+# pipeline's pairs and dpo recipes with --set overrides (ARGS_pairs / ARGS_dpo apply to every round, the round's
+# own overrides last); each round is stamped with a `.d` file like the stages above, so a round re-runs only when
+# its recipe, the prompts card or an earlier round changed.
 ROUNDS     ?= 2
+ifneq ($(filter iterate,$(MAKECMDGOALS)),)
+ifeq ($(shell [ "$(ROUNDS)" -ge 1 ] 2>/dev/null && echo ok),)
+$(error ROUNDS=$(ROUNDS): the number of DPO rounds, a whole number from 1)
+endif
+endif
 ROUND_LIST := $(if $(filter-out 0 1,$(ROUNDS)),$(shell seq 2 $(ROUNDS)),)
 round_stamp = $(if $(filter 1,$(1)),dpo,dpo-r$(1))
 round_dpo   = $(if $(filter 1,$(1)),$(SET)-dpo,$(SET)-dpo-r$(1))
+# $(call round_set_pairs,K,K-1) / $(call round_set_dpo,K,K-1): what makes the recipe round K's.
+round_set_pairs = --set name=$(SET)-pairs-r$(1) --set model.from=$(call round_dpo,$(2))@latest
+round_set_dpo   = --set name=$(SET)-dpo-r$(1) --set model.from=$(call round_dpo,$(2))@latest \
+                  --set data.card=$(SET)-pairs-r$(1)@latest
 define round
 $(STAMPS)/pairs-r$(1).done: $(RECIPES)/pairs.yaml $(STAMPS)/$(call round_stamp,$(2)).done
-	$(ALIGN) pairs $$< --registry $(REGISTRY) --set name=$(SET)-pairs-r$(1) \
-	  --set model.from=$(call round_dpo,$(2))@latest $$(ARGS_pairs)
-	touch $$@
+	$(ALIGN) pairs $$< --registry $(REGISTRY) $$(ARGS_pairs) $(call round_set_pairs,$(1),$(2))
+	mkdir -p $$(@D) && $(ALIGN) recipe deps $$< --target $$@ $$(ARGS_pairs) $(call round_set_pairs,$(1),$(2)) > $$(@:.done=.d) && touch $$@
 $(STAMPS)/dpo-r$(1).done: $(RECIPES)/dpo.yaml $(STAMPS)/pairs-r$(1).done
-	$(ALIGN) dpo $$< --registry $(REGISTRY) --set name=$(SET)-dpo-r$(1) \
-	  --set model.from=$(call round_dpo,$(2))@latest --set data.card=$(SET)-pairs-r$(1)@latest $$(ARGS_dpo)
-	touch $$@
+	$(ALIGN) dpo $$< --registry $(REGISTRY) $$(ARGS_dpo) $(call round_set_dpo,$(1),$(2))
+	mkdir -p $$(@D) && $(ALIGN) recipe deps $$< --target $$@ $$(ARGS_dpo) $(call round_set_dpo,$(1),$(2)) > $$(@:.done=.d) && touch $$@
 endef
 $(foreach k,$(ROUND_LIST),$(eval $(call round,$(k),$(shell expr $(k) - 1))))
 
@@ -100,6 +110,12 @@ lint: setup
 clean:
 	rm -rf $(REGISTRY) .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The GPU check kit: wheels the GPU machine lacks (Python 3.12 manylinux x86_64, never torch) into the ignored .whl/,
+# which bench/gpu_check.sh installs offline there (README "Real models on GPUs").
+.PHONY: gpu-wheels
+gpu-wheels: setup
+	bash bench/gpu_wheels.sh .whl
 
 # Speed and memory figures (never timed assertions in tests); results go to docs/BENCHMARKS.md.
 BENCH_ARGS ?=

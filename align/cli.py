@@ -220,22 +220,88 @@ def eval_(
     show.console().print(f"saved {artifact.path / 'eval.json'} (precision {result.settings.precision})", markup=False)
 
 
-@app.command()
-def compare(
-    refs: Annotated[list[str], typer.Argument(help="Policy artifacts that `align eval` has evaluated.",
-                                              show_default=False)],
+@app.command("bench-eval")
+def bench_eval(
+    ref: Annotated[str, typer.Argument(help="Policy artifact (sft, dpo, ...): NAME@vN, NAME@latest or a path.",
+                                       show_default=False)],
+    tasks: Annotated[str, typer.Option(help="lm-eval task names, comma-separated (tasks, groups or tags).",
+                                       show_default=False)],
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        min=0, help="Few-shot examples per prompt [default: each task's own].")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,
+    include_path: Annotated[list[Path] | None, typer.Option(
+        "--include-path", help="A directory of lm-eval task YAML files (repeatable); relative data_files in a "
+                               "YAML name files beside it.")] = None,
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
+        help="Compute precision, by the rule of `align eval --precision`.")] = "auto",
     registry: RegistryOpt = None,
 ) -> None:
-    """One table of policies and their common parent from their eval.json: judge, reward, KL, length, fluency."""
+    """Standard benchmarks (lm-evaluation-harness) on a policy and its parent; results saved in bench_eval.json."""
+    from align.bench_eval import BENCH_FILE, BenchSettings, bench_artifact
+
+    names = tuple(dict.fromkeys(name.strip() for name in tasks.split(",") if name.strip()))
+    if not names:
+        raise AlignError("--tasks: name at least one lm-eval task, e.g. --tasks hellaswag,arc_easy")
+    settings = BenchSettings(tasks=names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                             include_path=tuple(str(path) for path in include_path or []), precision=precision)
+    reg = _registry(registry)
+    artifact = reg.resolve(ref)
+    result = bench_artifact(artifact, reg, settings)
+    show.console().print(_bench_table([(artifact, result)]))
+    show.console().print(f"saved {artifact.path / BENCH_FILE} (tasks run before are kept there)", markup=False)
+
+
+def _bench_table(benches: list[tuple[Any, Any]]) -> Any:
+    """The benchmark rows (`report.comparison.bench_rows`) as a terminal table."""
+    from rich.table import Table
+
+    from align.report.comparison import BENCH_HEADERS, bench_rows
+
+    rows = bench_rows(benches)
+    table = Table(title="lm-eval benchmarks against the parent (± lm-eval's standard errors)")
+    shown = [index for index, header in enumerate(BENCH_HEADERS) if header not in ("vs parent", "setup")]
+    for index in shown:  # the parent and the setup go below the table: the rows stay one line wide
+        table.add_column(BENCH_HEADERS[index], justify="right" if index > 3 else "left")
+    for row in rows:
+        table.add_row(*(escape(row.cells[index]) for index in shown))
+    parents = dict.fromkeys(f"{row.model} vs its parent {row.parent}" for row in rows)
+    setups = dict.fromkeys(f"{row.task}: {row.setup}" for row in rows)
+    table.caption = escape("\n".join(["; ".join(parents), *setups]))  # one line per task: how it was measured
+    return table
+
+
+@app.command()
+def compare(
+    refs: Annotated[list[str], typer.Argument(help="Policy artifacts that `align eval` or `align bench-eval` has "
+                                                   "evaluated.", show_default=False)],
+    registry: RegistryOpt = None,
+) -> None:
+    """One table of policies and their common parent from their eval.json: judge, reward, KL, length, fluency;
+    and one of their lm-eval benchmarks (bench_eval.json): task, metric, parent, artifact, change."""
+    from align.bench_eval import BENCH_FILE, BenchResult
     from align.eval_result import EVAL_FILE, EvalResult
 
     reg = _registry(registry)
-    evals = []
+    evals, benches = [], []
     for artifact in map(reg.resolve, refs):
-        result = EvalResult.of(artifact.path)
-        if result is None:
-            raise AlignError(f"{artifact.ref} has no {EVAL_FILE}; run `align eval {artifact.ref} --data CARD` first")
-        evals.append((artifact, result))
+        result, bench = EvalResult.of(artifact.path), BenchResult.of(artifact.path)
+        if result is None and bench is None:
+            raise AlignError(f"{artifact.ref} has no {EVAL_FILE} or {BENCH_FILE}; run `align eval {artifact.ref} "
+                             f"--data CARD` or `align bench-eval {artifact.ref} --tasks TASKS` first")
+        if result is not None:
+            evals.append((artifact, result))
+        if bench is not None:
+            benches.append((artifact, bench))
+    if benches:
+        from align.report.comparison import bench_differences
+
+        show.console().print(_bench_table(benches))
+        if differing := bench_differences(benches):
+            show.console().print(f"[yellow]note: {', '.join(differing)} measured differently across these artifacts "
+                                 "(config, documents or settings; see the caption); compare with care[/yellow]")
+    if not evals:
+        return
     show.console().print(show.comparison_table(evals))
     for artifact, result in evals:
         if result.kl_note:
@@ -275,6 +341,35 @@ def export(
     show.console().print(f"exported {reg.resolve(ref).ref} -> {path}")
 
 
+@app.command()
+def chat(
+    ref: Annotated[str, typer.Argument(help="Policy artifact (sft, dpo, ...): NAME@vN, NAME@latest or a path.",
+                                       show_default=False)],
+    prompt: Annotated[str | None, typer.Option(help="Send this one message, print the reply and exit.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (/system changes it in a session).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the most likely tokens up to this share.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit.")] = 256,
+    seed: Annotated[int, typer.Option(help="Sampling seed of the first reply (reply n uses seed + n).")] = 0,
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
+        help="Compute precision, resolved as `align eval --precision` is.")] = "auto",
+    registry: RegistryOpt = None,
+) -> None:
+    """Talk to a policy artifact in the terminal: streamed replies, /reset, /system, /params, /help, /quit, Ctrl-D."""
+    from align import chat as chatting
+
+    params = chatting.params_from_options(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                          seed=seed)
+    reg = _registry(registry)
+    artifact = chatting.policy_artifact(reg, ref)  # a reward/dataset artifact is refused before any weights
+    show.console(stderr=True).print(f"loading {artifact.ref} ...", markup=False)
+    session, model = chatting.open_session(artifact, reg, precision=precision, system=system, params=params)
+    if prompt is not None:
+        chatting.one_turn(session, prompt, chatting.terminal_write)
+    else:
+        chatting.terminal_session(session, model)
+
+
 # ---- recipe ------------------------------------------------------------------------------------------------
 
 
@@ -295,6 +390,9 @@ def recipe_validate(recipe_path: RecipeArg, overrides: SetOpt = None, registry: 
     start = resolve_starting_point(recipe, reg)
     _check_scorers(recipe, reg)
     if STAGES[recipe.stage].task_type is not None:
+        from align.training import check_model_options
+
+        check_model_options(recipe, start, detect_device())  # quantisation, attention kernel, Liger
         check_lora_targets(start.base, recipe.lora, STAGES[recipe.stage].task_type, str(recipe.path))
     show.console().print(f"{recipe_path}: ok ({recipe.stage} -> {recipe.name}, data card {card.name})")
 
@@ -411,6 +509,7 @@ def _recipe_view(recipe_path: Path, overrides: list[str] | None, card_path: str 
     """`data validate --recipe`: the recipe, the card it reads (or CARD), and its starting model's tokenizer (with
     the recipe's chat template), as the stage gets them; no weights."""
     from align.data import get_format, load_card, resolve_card
+    from align.data.formats import KIND_CONVERSIONS
     from align.errors import DataError
     from align.models import load_tokenizer, resolve_starting_point
     from align.recipe import load_recipe
@@ -419,7 +518,8 @@ def _recipe_view(recipe_path: Path, overrides: list[str] | None, card_path: str 
     reg = _registry(registry, recipe.output.root)
     card = _card(card_path, registry) if card_path else load_card(
         resolve_card(recipe.data.card, recipe.path.parent, reg)[0])
-    if get_format(card.format).kind != STAGES[recipe.stage].reads:
+    kind, reads = get_format(card.format).kind, STAGES[recipe.stage].reads
+    if kind != reads and (kind, reads) not in KIND_CONVERSIONS:
         raise DataError(f"{card.path}: format '{card.format}' is not what `align {recipe.stage}` reads "
                         f"({STAGES[recipe.stage].reads} rows)")
     start = resolve_starting_point(recipe, reg)

@@ -153,8 +153,14 @@ def lineage_tree(root: LineageNode) -> Any:
         data = f" data={','.join(node.data)}" if node.data else ""
         return escape(f"{role}{node.ref} [{node.stage}] base={node.base_model}{data}")
 
+    shown: set[str] = set()  # a DAG drawn as a tree: an ancestor reached twice (iterative DPO) is expanded once
+
     def grow(branch: Any, node: LineageNode) -> Any:
         for parent in node.parents:
+            if parent.ref in shown and parent.parents:
+                branch.add(label(parent) + " (as above)")
+                continue
+            shown.add(parent.ref)
             grow(branch.add(label(parent)), parent)
         return branch
 

@@ -130,15 +130,15 @@ def _write_export(artifact: Artifact, registry: Registry, target: Path) -> None:
 
 def _merged_model(artifact: Artifact, registry: Registry, head: str
                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The artifact's model exactly as align loads it (base + merged chain + own adapter), own adapter merged."""
-    from align.models import load_artifact_model, load_reward_model
+    """The artifact's model exactly as align loads it (base + merged chain + own adapter), own adapter merged.
+    An artifact trained on a 4/8-bit base (QLoRA) is merged into that base dequantised: the weights its adapter
+    was trained against, written in their compute dtype (merging into the 4-bit weights would re-quantise the
+    adapter's small updates away)."""
+    from align.models import load_artifact_model
 
     dtype = _trained_dtype(artifact)
-    if head == "score":
-        # load_reward_model restores the trained score head (saved through modules_to_save) and sets pad_token_id.
-        peft_model, _ = load_reward_model(artifact, registry, dtype)
-    else:
-        peft_model, _ = load_artifact_model(artifact, registry, dtype)
+    # The score head (saved through modules_to_save) comes back with the adapter, and pad_token_id is set.
+    peft_model, _ = load_artifact_model(artifact, registry, dtype, head=head, dequantize=True)
     # merge_and_unload also swaps each modules_to_save wrapper (the score head) for its trained copy.
     return peft_model.merge_and_unload(), _artifact_tokenizer(artifact)
 

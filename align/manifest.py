@@ -9,7 +9,8 @@ Schema history: version 0 (no `schema_version`, written before typed manifests) 
 (the reward reading length, then only in `recipe.train.max_length`) and may lack metrics that were only
 written when measured (they read as null). Version 2 adds `files`, the size and SHA-256 of every file the
 artifact was published with (`align artifacts verify`); versions 0 and 1 read with `files: null` (no record).
-Version 2 also changed the stages' row counts (see `align.stages.outputs`).
+Version 2 also changed the stages' row counts (see `align.stages.outputs`). Version 3 adds `launch`; version 4
+adds `quantization` (the 4/8-bit base of a QLoRA run); older versions read with null (not recorded / plain base).
 """
 
 from __future__ import annotations
@@ -132,6 +133,17 @@ class LaunchRecord(Strict):
     num_machines: int
 
 
+class QuantizationRecord(Strict):
+    """The quantised base an adapter was trained on (`model.quantization`, `align.quantization`): every later load
+    of the artifact (eval, reward scoring, export) rebuilds these weights. 4-bit fields are None for 8-bit."""
+
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] | None
+    compute_dtype: Literal["bf16", "fp16", "fp32"] | None  # resolved: never "auto"
+    double_quant: bool | None
+    bitsandbytes: str | None  # the version that quantised it
+
+
 class FileRecord(Strict):
     """One file as it was written: what `align artifacts verify` re-hashes and stages check the size of."""
 
@@ -146,7 +158,7 @@ class Metrics(Strict):
 class Manifest(Record):
     """What every artifact records. Subclasses fix `stage` to one value and add their metrics and details."""
 
-    SCHEMA_VERSION: ClassVar[int] = 3
+    SCHEMA_VERSION: ClassVar[int] = 4
 
     schema_version: int
     name: str
@@ -167,6 +179,7 @@ class Manifest(Record):
     device: Device
     world_size: int
     launch: LaunchRecord | None  # None: written before schema 3, not recorded
+    quantization: QuantizationRecord | None  # None: trained on a plain base (or written before schema 4)
     resumed_from: str | None
     packages: dict[str, str | None]
     python: str
@@ -178,6 +191,8 @@ class Manifest(Record):
 
     @classmethod
     def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version < 4:
+            data.setdefault("quantization", None)
         if version < 3:
             data.setdefault("launch", None)
         if version < 2:

@@ -44,6 +44,10 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{%- endif %}"
 )
 
+# bitsandbytes, which PEFT imports whenever it is installed, warns at import on CPUs with AVX512-BF16 that an optional
+# hub kernel package is missing and then uses its own fallback: noise in every command's output, so it is muted.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 # Hashing multi-GB checkpoints on every run is slow; above this we record file sizes instead.
 _HASH_LIMIT_BYTES = 4 << 30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -198,8 +202,10 @@ def load_tokenizer(base: BaseModelSpec, chat_template: str = "auto", saved_in: P
     return tokenizer
 
 
-def load_base_model(base: BaseModelSpec, dtype: Any = None, head: str = "causal_lm") -> PreTrainedModel:
-    """The base weights with a language-model head, or (head='score') a fresh scalar score head for rewards."""
+def load_base_model(base: BaseModelSpec, dtype: Any = None, head: str = "causal_lm",
+                    options: dict[str, Any] | None = None) -> PreTrainedModel:
+    """The base weights with a language-model head, or (head='score') a fresh scalar score head for rewards.
+    `options` are further `from_pretrained` arguments (`load_options`: attention kernel, quantisation)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     guard_weight_loading(f"model.base {base.spec}")
@@ -210,11 +216,40 @@ def load_base_model(base: BaseModelSpec, dtype: Any = None, head: str = "causal_
         auto = AutoModelForCausalLM
     try:
         with _expected_head_report_silenced(head):
-            return auto.from_pretrained(location, dtype=dtype or "auto", **kwargs)
+            model = auto.from_pretrained(location, dtype=dtype or "auto", **kwargs, **(options or {}))
     except Exception as exc:
         if base.kind == "hub":
             raise _hub_error(base, exc) from None
         raise ModelError(f"model.base: cannot load the model from {location}: {exc}") from None
+    if (options or {}).get("quantization_config") is not None:
+        from align import quantization
+
+        quantization.fit_cpu_kernels(model)
+    return model
+
+
+def load_options(recipe: Recipe, device: dict[str, Any]) -> dict[str, Any]:
+    """The `from_pretrained` arguments a (device-resolved) recipe's model section adds: its attention kernel and,
+    for QLoRA, bitsandbytes' config and device placement (`align.quantization`)."""
+    options: dict[str, Any] = {"attn_implementation": recipe.model.attn_implementation}
+    if recipe.model.quantization is not None:
+        from align import quantization
+
+        options.update(quantization.load_options(recipe.model.quantization, recipe.train.precision, device["type"]))
+    return options
+
+
+def check_attention(name: str, device: dict[str, Any], where: str) -> None:
+    """Refuse an attention kernel this machine cannot run before any weights load: FlashAttention 2 needs its
+    package (flash-attn) and a CUDA GPU; sdpa, eager and flex_attention run wherever torch does."""
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise RecipeError(f"{where}: model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                          "(pip install flash-attn --no-build-isolation), or use sdpa")
+    if device["type"] != "cuda":
+        raise RecipeError(f"{where}: model.attn_implementation: flash_attention_2 runs on CUDA GPUs only and this "
+                          "machine has none; use sdpa")
 
 
 # A causal LM loaded under a fresh score head: transformers reports the new head as MISSING and the unused
@@ -301,28 +336,40 @@ def resolve_starting_point(recipe: Recipe, registry: Registry) -> StartingPoint:
 
 
 def load_starting_model(start: StartingPoint, registry: Registry, dtype: Any = None,
-                        head: str = "causal_lm") -> PreTrainedModel:
+                        head: str = "causal_lm", options: dict[str, Any] | None = None) -> PreTrainedModel:
     """The base with every adapter of the chain merged in. The chain's causal-LM adapters touch only the
-    transformer body, so they merge the same way under a score head."""
-    model = load_base_model(start.base, dtype, head)
+    transformer body, so they merge the same way under a score head. Quantised (`options` from `load_options`),
+    the chain is merged in full precision first and the merged weights quantised as they load."""
+    if (options or {}).get("quantization_config") is not None and start.chain:
+        from align import quantization
+
+        return load_base_model(quantization.merged_start(start, registry, dtype), dtype, head, options)
+    model = load_base_model(start.base, dtype, head, options)
     for entry in start.chain:
         model = merge_adapter(model, _chain_adapter_dir(entry, registry))
     return model
 
 
 def load_artifact_model(artifact: Artifact, registry: Registry, dtype: Any = None,
-                        head: str = "causal_lm") -> tuple[Any, Any]:
+                        head: str = "causal_lm", dequantize: bool = False) -> tuple[Any, Any]:
     """An adapter artifact on top of its parent: base + chain merged, the artifact's own adapter attached (not
-    merged), so `with model.disable_adapter():` is the parent. Returns (PeftModel in eval mode, tokenizer)."""
+    merged), so `with model.disable_adapter():` is the parent. Returns (PeftModel in eval mode, tokenizer).
+    An artifact trained on a quantised base gets that base again (its manifest's `quantization`); `dequantize`
+    turns it into plain weights before the adapter is attached (export merges into those)."""
     from peft import PeftModel
+
+    from align import quantization
 
     if not (artifact.adapter_path / "adapter_config.json").exists():
         raise ArtifactError(f"{artifact.ref} is a {artifact.manifest.stage} artifact with no adapter")
     integrity.check_loadable(artifact, registry)  # its files and its chain's, before any weights
+    options = quantization.artifact_options(artifact.manifest, artifact.ref)
     start = StartingPoint(BaseModelSpec.from_manifest(artifact.manifest.base_model), None,
                           list(artifact.manifest.adapter_chain))
     tokenizer = load_tokenizer(start.base, "auto", saved_in=artifact.path)
-    model = load_starting_model(start, registry, dtype, head=head)
+    model = load_starting_model(start, registry, dtype, head=head, options=options)
+    if options is not None and dequantize:
+        model = quantization.dequantize(model)
     if head == "score":
         model.config.pad_token_id = tokenizer.pad_token_id
     with integrity.loading_adapter(artifact.adapter_path):

@@ -33,6 +33,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+# Attention kernels transformers implements without a hub download (`align.models.check_attention` checks each
+# one's package and device before weights load).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+class QuantizationSection(_Section):
+    """QLoRA (Dettmers et al. 2023): the base's linear layers held in 4 or 8 bits by bitsandbytes while LoRA
+    trains in higher precision on top (`align.quantization`)."""
+
+    bits: Literal[4, 8] = Field(description="4: NF4/FP4 weights (QLoRA); 8: LLM.int8() weights")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit only: NF4 (QLoRA's normal float) or FP4")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="4-bit only: the dtype dequantised weights compute in; auto: the run's precision")
+    double_quant: bool = Field(True, description="4-bit only: quantise the per-block scales too "
+                                                 "(about 0.37 bits per parameter less)")
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> QuantizationSection:
+        named = sorted({"quant_type", "compute_dtype", "double_quant"} & self.model_fields_set)
+        if self.bits == 8 and named:
+            raise ValueError(f"{', '.join(named)} apply to bits: 4 only (8-bit weights use LLM.int8())")
+        return self
+
+
 class ModelSection(_Section):
     """Where the starting weights come from: a base model, or an earlier artifact (its chain merged in memory)."""
 
@@ -43,6 +67,11 @@ class ModelSection(_Section):
     chat_template: Literal["auto", "default", "none"] = Field(
         "auto", description="auto: the model's own, else align's default; default: always align's; none: plain text"
     )
+    quantization: QuantizationSection | None = Field(
+        None, description="Train LoRA on a 4- or 8-bit base (QLoRA, bitsandbytes); None: the base in the precision")
+    attn_implementation: Literal[ATTENTION_IMPLEMENTATIONS] = Field(
+        "sdpa", description="Attention kernel: sdpa (PyTorch's), eager, flash_attention_2 (flash-attn, GPUs), "
+                            "flex_attention")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -104,6 +133,9 @@ class TrainSection(_Section):
     save_total_limit: int = Field(2, gt=0)
     report_to: list[str] = Field(default_factory=lambda: ["none"])
     dataloader_num_workers: int = Field(0, ge=0)
+    use_liger_kernel: bool = Field(False, description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched in by "
+                                                      "transformers' Trainer (TRL's flag): needs liger-kernel and a "
+                                                      "GPU; TRL's trainers only (not ppo)")
 
     @field_validator("max_steps")
     @classmethod
@@ -154,6 +186,38 @@ class DpoSection(_Section):
         if "exo_pair" in self.loss_type and self.label_smoothing == 0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
         return self
+
+
+class KtoSection(_Section):
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024) with TRL's names: each reply is judged alone
+    (desirable or not) against the reference, which is the starting model itself (LoRA disabled)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="kto: against a batch KL estimate; "
+                                                                              "apo_zero_unpaired: without it")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable rows' losses (raise it when they "
+                                                           "are fewer: the KTO paper's Eq. 8)")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable rows' losses")
+    precompute_ref_log_probs: bool = Field(False, description="Score the reference once before training")
+
+
+class OrpoSection(_Section):
+    """Odds-ratio preference optimisation (Hong et al. 2024), TRL's ORPOTrainer: SFT loss on the chosen reply plus
+    a log-odds-ratio penalty against the rejected one; no reference model, so nothing holds the policy near its
+    start but that SFT term."""
+
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term beside the chosen reply's NLL "
+                                               "(the paper's lambda)")
+
+
+class SimpoSection(_Section):
+    """Simple preference optimisation (Meng et al. 2024) through TRL's CPOTrainer (`loss_type: simpo`): the
+    margin between the average log-probabilities of the chosen and the rejected reply, no reference model."""
+
+    beta: float = Field(2.0, gt=0, description="Reward scale (the paper uses 2.0-2.5)")
+    gamma: float = Field(0.5, ge=0, description="Target reward margin (TRL's simpo_gamma)")
+    cpo_alpha: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen reply (CPO-SimPO); "
+                                                    "0: plain SimPO")
 
 
 class PairsSection(_Section):
@@ -301,6 +365,21 @@ def _refuse_output_layer_adapters(lora: LoraSection) -> None:
                          "layer directly; adapt the decoder layers only")
 
 
+def _model_options_fit_stage(recipe: Recipe) -> None:
+    """QLoRA and Liger kernels where the stage can use them: quantisation for stages that train an adapter (ppo
+    in its shared layout: one quantised base for all four roles), Liger for TRL's trainers."""
+    trains = STAGES[recipe.stage].task_type is not None
+    if recipe.model.quantization is not None:
+        if not trains:
+            raise ValueError(f"model.quantization applies to stages that train an adapter; align {recipe.stage} "
+                             "samples with the whole model in the run's precision")
+        if recipe.stage == "ppo" and recipe.ppo.models == "separate":
+            raise ValueError("model.quantization with ppo.models: separate: quantisation shares one 4/8-bit base "
+                             "between policy, value, reward and reference (ppo.models: shared)")
+    if recipe.train.use_liger_kernel and recipe.stage == "ppo":
+        raise ValueError("train.use_liger_kernel applies to TRL's trainers; align ppo runs its own loop")
+
+
 class Recipe(_Section):
     stage: str = Field(description="The stage this recipe runs: `align <stage> RECIPE` (see align.stages)")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,  # artifacts.MAX_NAME_LENGTH
@@ -314,6 +393,9 @@ class Recipe(_Section):
     reward: RewardSection = Field(default_factory=RewardSection)
     pairs: PairsSection = Field(default_factory=PairsSection)
     dpo: DpoSection = Field(default_factory=DpoSection)
+    kto: KtoSection = Field(default_factory=KtoSection)
+    orpo: OrpoSection = Field(default_factory=OrpoSection)
+    simpo: SimpoSection = Field(default_factory=SimpoSection)
     ppo: PpoSection | None = None
     grpo: GrpoSection | None = None
     rloo: RlooSection | None = None
@@ -344,6 +426,11 @@ class Recipe(_Section):
                              f"(e.g. {self.stage}: {{reward_model: NAME@latest}})")
         if self.stage == "ppo":
             _refuse_output_layer_adapters(self.lora)
+        _model_options_fit_stage(self)
+        if self.stage == "kto" and self.kto.loss_type == "kto" and self.train.per_device_train_batch_size < 2:
+            # TRL estimates KTO's KL term from the other rows of the batch; it refuses a batch of one after loading.
+            raise ValueError("train.per_device_train_batch_size: kto needs at least 2 rows per batch (its KL term "
+                             "pairs each prompt with another row's reply); or use kto.loss_type: apo_zero_unpaired")
         return self
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -19,9 +20,10 @@ from typing import Any
 
 import yaml
 
-from align import launch, models, redaction, runtime
+from align import launch, models, quantization, redaction, runtime
 from align.artifacts import Artifact, Registry, git_state, package_versions, parent_entry
 from align.data import LoadedData, get_format, load_card, load_data, resolve_card
+from align.data.formats import KIND_CONVERSIONS
 from align.data.lengths import recipe_max_length
 from align.data.report import unknown_columns_note
 from align.device import detect_device, resolve_device_defaults
@@ -88,29 +90,83 @@ class StageInputs:
     run: StageRun
     tokenizer: Any
     model: Any
+    # Pairs per split when the card's rows were converted to the kind the stage reads (`KIND_CONVERSIONS`).
+    pairs: dict[str, int] | None = None
 
 
-_FORMAT_KINDS = {"sft": "conversations to imitate", "preference": "chosen/rejected pairs", "prompts": "prompts"}
+_FORMAT_KINDS = {"sft": "conversations to imitate", "preference": "chosen/rejected pairs", "prompts": "prompts",
+                 "unpaired": "replies rated desirable/undesirable"}
 
 
-# Experiment trackers `train.report_to` may name, and the module each needs (none is a dependency of align).
-TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+def convert_kind(data: LoadedData, convert: Any) -> tuple[LoadedData, dict[str, int]]:
+    """The card's rows converted row by row into the kind the stage reads (a pair -> two unpaired rows), and how
+    many rows of the card each split held. Counts of rows read and dropped stay the card's."""
+    pairs = {"train": len(data.train), "eval": len(data.eval)}
+    return dataclasses.replace(data, train=[out for row in data.train for out in convert(row)],
+                               eval=[out for row in data.eval for out in convert(row)]), pairs
+
+
+# Experiment trackers `train.report_to` may name (transformers' `report_to` and Accelerate's `log_with`, which
+# ppo uses, take each), and the modules each can use; none is a dependency of align (tensorboard is in the dev
+# extra). tensorboard and trackio log on this machine; mlflow into ./mlruns unless MLFLOW_TRACKING_URI says else.
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
                    "mlflow": ("mlflow",), "comet_ml": ("comet_ml",)}
+# Trackers that log to an account on a server: (the key they need, the variable that keeps them on this machine,
+# its value, how to upload later). Offline is set when there is no key or HF_HUB_OFFLINE says there is no network,
+# unless the user set the variable.
+OFFLINE_MODES = {"wandb": ("WANDB_API_KEY", "WANDB_MODE", "offline", "wandb sync"),
+                 "comet_ml": ("COMET_API_KEY", "COMET_START_ONLINE", "0", "comet upload")}
 
 
-def trackers(report_to: list[str]) -> list[str]:
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def trackers(report_to: list[str], say: Any = None) -> list[str]:
     """The trackers a recipe asks for, each checked to be installed, so a typo or a missing package is a recipe
-    error before any model loads rather than a failure after training."""
+    error before any model loads rather than a failure after training; one that needs an account logs offline
+    when there is no key or no network (`OFFLINE_MODES`), instead of failing or waiting on the network."""
     import importlib.util
 
     chosen = [name for name in report_to if name != "none"]
     for name in chosen:
         if name not in TRACKER_MODULES:
-            raise RecipeError(f"train.report_to: unknown tracker '{name}' (known: none, {', '.join(TRACKER_MODULES)})")
+            raise RecipeError(f"train.report_to: unknown tracker '{name}' (supported: none, "
+                              f"{', '.join(TRACKER_MODULES)})")
         if not any(importlib.util.find_spec(module) for module in TRACKER_MODULES[name]):
             raise RecipeError(f"train.report_to: {name} is not installed here (pip install {name}), "
                               "or remove it from report_to")
+    for name in chosen:
+        if name not in OFFLINE_MODES:
+            continue
+        key, variable, value, upload = OFFLINE_MODES[name]
+        if variable in os.environ or (os.environ.get(key) and not hub_offline()):
+            continue
+        os.environ[variable] = value
+        if say is not None:
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else f"no {key}"
+            say(f"train.report_to: {name} logs offline on this machine ({why}: {variable}={value}); "
+                f"`{upload}` uploads the run later")
     return chosen
+
+
+LIGER_HINT = "pip install liger-kernel"
+
+
+def check_model_options(recipe: Recipe, start: StartingPoint, device: dict[str, Any]) -> None:
+    """The model section's and train section's choices this machine must support, refused before any weights
+    load: quantisation (`align.quantization.check`), the attention kernel, Liger kernels (installed, on a GPU)."""
+    import importlib.util
+
+    quantization.check(recipe, start.base, device)
+    models.check_attention(recipe.model.attn_implementation, device, str(recipe.path))
+    if recipe.train.use_liger_kernel:
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise RecipeError(f"{recipe.path}: train.use_liger_kernel: liger-kernel is not installed here "
+                              f"({LIGER_HINT}), or set it to false")
+        if device["type"] != "cuda":
+            raise RecipeError(f"{recipe.path}: train.use_liger_kernel: Liger's kernels are Triton GPU kernels and "
+                              "this machine has no GPU; set it to false")
 
 
 def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> StageInputs:
@@ -119,20 +175,28 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     model (with a scalar score head when the stage trains a SEQ_CLS adapter)."""
     stage = STAGES[recipe.stage]
     rows, head = stage.reads, "score" if stage.task_type == "SEQ_CLS" else "causal_lm"
-    trackers(recipe.train.report_to)
+    trackers(recipe.train.report_to, say)
     runtime.signal_point("load-data")
     card_path, data_parent = resolve_card(recipe.data.card, recipe.path.parent, registry)
     card = load_card(card_path)
     kind = get_format(card.format).kind
-    if kind != rows:
+    convert = KIND_CONVERSIONS.get((kind, rows))
+    if kind != rows and convert is None:
         raise DataError(f"{card.path}: format '{card.format}' gives {_FORMAT_KINDS[kind]}, but `align "
                         f"{recipe.stage}` needs {_FORMAT_KINDS[rows]} (see the data card formats in README)")
     data = load_data(card, limit=recipe.data.limit, eval_limit=recipe.data.eval_limit)
-    if rows == "preference" and not data.eval:
-        raise DataError(f"{card.path}: the eval split is empty; `align {recipe.stage}` is judged on held-out pairs")
+    if rows in ("preference", "unpaired") and not data.eval:
+        raise DataError(f"{card.path}: the eval split is empty; `align {recipe.stage}` is judged on held-out rows")
+    pairs = None
+    if convert is not None:
+        data, pairs = convert_kind(data, convert)
+        say(f"{card.path}: {pairs['train']} + {pairs['eval']} {kind} rows (train + eval) read as {len(data.train)} + "
+            f"{len(data.eval)} {rows} rows")
     if data.unknown_columns and data_parent is None:  # a dataset artifact's extra columns are align's own records
         say(unknown_columns_note(data))
     start = models.resolve_starting_point(recipe, registry)
+    device = detect_device()
+    check_model_options(recipe, start, device)
     models.check_lora_targets(start.base, recipe.lora, stage.task_type, str(recipe.path))
     tokenizer = models.load_tokenizer(start.base, recipe.model.chat_template,
                                       saved_in=start.parent.path if start.parent else None)
@@ -140,7 +204,6 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
     # leaves nothing to train on is refused before any weights load, and the metrics count what was trained on.
     summary = data.summary()
     data = recipe_max_length(data, recipe, tokenizer)
-    device = detect_device()
     recipe = resolve_device_defaults(recipe, device, models.hidden_size(start.base))
     run = open_run(recipe, registry, start, summary, device, resume, data_parent)
     for note in run.notes:
@@ -151,10 +214,12 @@ def prepare(recipe: Recipe, registry: Registry, *, resume: bool, say: Any) -> St
 
         set_seed(recipe.train.seed)
     model = models.load_starting_model(start, registry, models.weight_dtype(recipe.train.precision, device["type"]),
-                                       head)
+                                       head, options=models.load_options(recipe, device))
+    if recipe.model.quantization is not None:
+        model = quantization.prepare_for_training(model, bool(recipe.train.activation_checkpointing))
     if head == "score":
         model.config.pad_token_id = tokenizer.pad_token_id
-    return StageInputs(recipe, data, run, tokenizer, model)
+    return StageInputs(recipe, data, run, tokenizer, model, pairs)
 
 
 def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *,
@@ -177,7 +242,7 @@ def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *,
     cache = DatasetCache(models.cache_root() / "datasets",
                          {"precision": recipe.train.precision, "device": inputs.run.device["type"]})
     runtime.wait_for_everyone()  # rank 0 may have just cleared stale checkpoints
-    return trainer_cls(
+    trainer = trainer_cls(
         model=inputs.model,
         args=config,
         train_dataset=as_dataset(inputs.data.train, recipe.model.chat_template, cache),
@@ -186,6 +251,19 @@ def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *,
         peft_config=models.lora_config(recipe.lora, STAGES[recipe.stage].task_type),
         **(trainer_kwargs or {}),
     )
+    tensorboard_into(trainer, inputs.run.run_dir / "logs")
+    if recipe.model.quantization is not None:
+        quantization.trainable_in_precision(trainer.model, recipe.train.precision)
+    return trainer
+
+
+def tensorboard_into(trainer: Any, logs: Path) -> None:
+    """Point transformers' TensorBoard callback at the run's logs/ (published with the artifact). Left alone it
+    opens its writer at the first log, which for align is the evaluation before training, before it has picked a
+    directory: torch then writes into `./runs` of the working directory, and the training scalars went there."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":
+            callback.logging_dir = str(logs / "tensorboard")
 
 
 def as_dataset(rows: list[dict[str, Any]], chat_template: str, cache: Any = None) -> Any:
@@ -195,8 +273,8 @@ def as_dataset(rows: list[dict[str, Any]], chat_template: str, cache: Any = None
 
     from align.data.tokenized import file_backed
 
-    if chat_template == "none":
-        rows = [to_plain_text_row(row) for row in rows]
+    if chat_template == "none":  # the text as plain strings; a row's verdict (KTO's `label`) stays as it is
+        rows = [{**to_plain_text_row(row), **({"label": row["label"]} if "label" in row else {})} for row in rows]
     return Dataset.from_list(rows) if cache is None else file_backed(rows, cache)
 
 
@@ -229,8 +307,12 @@ def trainer_args(run: StageRun) -> dict[str, Any]:
         "save_strategy": "steps",
         "save_steps": train.save_steps,
         "save_total_limit": train.save_total_limit,
-        "report_to": train.report_to,
+        # `none` beside a tracker means nothing (transformers refuses the mix); trackio groups runs by `project`:
+        # the runs of one artifact name, as its versions are.
+        "report_to": [name for name in train.report_to if name != "none"],
+        "project": run.recipe.name,
         "dataloader_num_workers": train.dataloader_num_workers,
+        "use_liger_kernel": train.use_liger_kernel,
         "disable_tqdm": not runtime.is_main_process(),
     }
 
@@ -355,6 +437,7 @@ def publish(run: StageRun, *, write_files: Any, metrics: dict[str, Any], details
             "device": run.device,
             "world_size": runtime.world()[1],
             "launch": launch.record(recipe),
+            "quantization": quantization.record(recipe),
             "resumed_from": run.resume_from.name if run.resume_from else None,
             "packages": package_versions(),
             "python": platform.python_version(),

@@ -103,6 +103,8 @@ def test_a_stage_starts_only_from_a_policy(start: str, fragments: tuple[str, ...
 TINY = REPO / "recipes" / "tiny"
 SFT, PAIRS, REWARD, DPO, PPO, GRPO, RLOO = (str(TINY / f"{s}.yaml") for s in
                                             ("sft", "pairs", "reward", "dpo", "ppo", "grpo", "rloo"))
+KTO, ORPO, SIMPO = (str(TINY / f"{s}.yaml") for s in ("kto", "orpo", "simpo"))
+UNPAIRED_ROW = '{"prompt": "Once", "completion": " upon a time", "label": %s}\n'
 GOOD_ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 CARD_OF = "name: c\ndescription: d\nlicense: MIT\nsource:\n  path: rows.jsonl\nformat: {fmt}\n"
 
@@ -128,8 +130,8 @@ CATALOGUE: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
                          ("r.yaml",)),
     "unknown top key": (["recipe", "validate", "{tmp}/r.yaml"], {"r.yaml": recipe_text(trian="\n  seed: 1")},
                         ("trian", "did you mean 'train'")),
-    "unknown stage": (["recipe", "validate", "{tmp}/r.yaml"], {"r.yaml": recipe_text(stage="kto")},
-                      ("stage", "kto")),
+    "unknown stage": (["recipe", "validate", "{tmp}/r.yaml"], {"r.yaml": recipe_text(stage="kpo")},
+                      ("stage", "kpo")),
     "section of another stage": (["recipe", "validate", "{tmp}/r.yaml"],
                                  {"r.yaml": recipe_text(dpo="\n  beta: 0.1")}, ("dpo",)),
     "name missing": (["recipe", "validate", "{tmp}/r.yaml"], {"r.yaml": recipe_text(name=None)}, ("name",)),
@@ -166,6 +168,16 @@ CATALOGUE: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
                                   "lora.layers_to_transform=[40]"], {}, ("layers", "[40]")),
     "lora regex targets nothing": (["reward", REWARD, "--set", "lora.target_modules=nothing.*"], {},
                                    ("lora.target_modules", "nothing.*")),
+    # QLoRA and GPU kernels: refused before any weight loads
+    "quantization of a gguf base": (["sft", SFT, "--set", "model.base={tmp}/m.gguf", "--set",
+                                     "model.quantization.bits=4"], {"m.gguf": "x"}, ("model.quantization", "GGUF")),
+    "quantization for pairs": (["recipe", "validate", PAIRS, "--set", "model.quantization.bits=4"], {},
+                               ("model.quantization", "align pairs")),
+    "quantization 8-bit with nf4": (["sft", SFT, "--set", "model.quantization.bits=8", "--set",
+                                     "model.quantization.quant_type=nf4"], {}, ("quant_type", "bits: 4 only")),
+    "attention kernel unknown": (["sft", SFT, "--set", "model.attn_implementation=flash"], {},
+                                 ("model.attn_implementation",)),
+    "liger kernels here": (["sft", SFT, "--set", "train.use_liger_kernel=true"], {}, ("train.use_liger_kernel",)),
     # data cards named by recipes
     "card missing": (["sft", SFT, "--set", "data.card={tmp}/none.yaml"], {}, ("none.yaml",)),
     "card artifact missing": (["dpo", DPO, "--set", "data.card=tiny-pairs@v7"], {}, ("tiny-pairs@v7",)),
@@ -177,6 +189,8 @@ CATALOGUE: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
     # stage sections
     "tracker unknown": (["sft", SFT, "--set", "train.report_to=[tensorbored]"], {}, ("train.report_to",
                                                                                     "tensorbored")),
+    "tracker all": (["dpo", DPO, "--set", "train.report_to=all"], {}, ("train.report_to", "'all'",
+                                                                       "supported: none, tensorboard")),
     "accelerate config missing": (["sft", SFT, "--set", "launch.num_processes=2", "--set",
                                    "launch.accelerate_config={tmp}/acc.yaml"], {}, ("acc.yaml",)),
     "dpo beta negative": (["dpo", DPO, "--set", "dpo.beta=-0.1"], {}, ("dpo.beta",)),
@@ -191,6 +205,32 @@ CATALOGUE: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
                                        ("num_generations",)),
     "rloo reward is a dataset": (["rloo", RLOO, "--set", "rloo.reward_model=tiny-pairs@v1"], {},
                                  ("tiny-pairs@v1",)),
+    "kto loss type unknown": (["kto", KTO, "--set", "kto.loss_type=kto_pair"], {}, ("kto.loss_type",)),
+    "kto weight zero": (["kto", KTO, "--set", "kto.desirable_weight=0"], {}, ("kto.desirable_weight",)),
+    "kto batch of one": (["kto", KTO, "--set", "train.per_device_train_batch_size=1"], {},
+                         ("per_device_train_batch_size", "at least 2 rows")),
+    "kto card of sft rows": (["kto", KTO, "--set", "data.card=" + str(REPO / "data_cards/tiny-sft.yaml")], {},
+                             ("align kto", "replies rated desirable/undesirable")),
+    "kto from a reward artifact": (["kto", KTO, "--set", "model.from=tiny-rm@v1"], {},
+                                   ("model.from", "reward artifact")),
+    "kto section in a dpo recipe": (["recipe", "validate", DPO, "--set", "kto.beta=0.2"], {},
+                                    ("section 'kto' does not apply to stage 'dpo'",)),
+    "orpo beta negative": (["orpo", ORPO, "--set", "orpo.beta=-1"], {}, ("orpo.beta",)),
+    "orpo card of unpaired rows": (["orpo", ORPO, "--set", "data.card={tmp}/card.yaml"],
+                                   {"card.yaml": CARD_OF.format(fmt="unpaired"), "rows.jsonl": UNPAIRED_ROW % "true"},
+                                   ("align orpo", "chosen/rejected pairs")),
+    "simpo gamma negative": (["simpo", SIMPO, "--set", "simpo.gamma=-0.5"], {}, ("simpo.gamma",)),
+    "simpo card of prompts": (["simpo", SIMPO, "--set",
+                               "data.card=" + str(REPO / "data_cards/tiny-story-prompts.yaml")], {},
+                              ("align simpo", "chosen/rejected pairs")),
+    "simpo dpo section": (["recipe", "validate", SIMPO, "--set", "dpo.beta=0.2"], {},
+                          ("section 'dpo' does not apply to stage 'simpo'",)),
+    "unpaired integer label": (["data", "validate", "{tmp}/card.yaml"],
+                               {"card.yaml": CARD_OF.format(fmt="unpaired"), "rows.jsonl": UNPAIRED_ROW % "1"},
+                               ("integer label 1", "label_map")),
+    "unpaired label unreadable": (["data", "validate", "{tmp}/card.yaml"],
+                                  {"card.yaml": CARD_OF.format(fmt="unpaired"), "rows.jsonl": UNPAIRED_ROW % '"meh"'},
+                                  ("rows.jsonl:1", "label must be true/false")),
     "pairs judge unknown": (["pairs", PAIRS, "--set", "pairs.judge=vaderr"], {}, ("vaderr",)),
     "pairs judge is a policy": (["pairs", PAIRS, "--set", "pairs.judge=reward:tiny-sft@v1"], {},
                                 ("tiny-sft@v1",)),
@@ -242,17 +282,31 @@ CATALOGUE: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
                          ("tiny-pairs@v1",)),
     "export over a file": (["export", "tiny-sft@v1", "--merge", "{tmp}/f", "--registry", "{reg}"], {"f": "x"},
                            ("f",)),
+    "chat with a reward artifact": (["chat", "tiny-rm@v1", "--prompt", "hi", "--registry", "{reg}"], {},
+                                    ("tiny-rm@v1", "reward artifact", "policy")),
+    "chat with a dataset artifact": (["chat", "tiny-pairs@v1", "--registry", "{reg}"], {},
+                                     ("tiny-pairs@v1", "dataset artifact")),
+    "chat with an unknown ref": (["chat", "nosuch@v1", "--prompt", "hi", "--registry", "{reg}"], {}, ("nosuch",)),
     "compare without eval": (["compare", "tiny-sft@v1", "--registry", "{reg}"], {}, ("tiny-sft@v1", "eval")),
+    "bench-eval a reward artifact": (["bench-eval", "tiny-rm@v1", "--tasks", "x", "--registry", "{reg}"], {},
+                                     ("tiny-rm@v1", "policy")),
+    "bench-eval a dataset artifact": (["bench-eval", "tiny-pairs@v1", "--tasks", "x", "--registry", "{reg}"], {},
+                                      ("tiny-pairs@v1", "policy")),
+    "bench-eval include path missing": (["bench-eval", "tiny-sft@v1", "--tasks", "x", "--include-path",
+                                         "{tmp}/tasks", "--registry", "{reg}"], {},
+                                        ("--include-path", "tasks", "not a directory")),
+    "bench-eval no task named": (["bench-eval", "tiny-sft@v1", "--tasks", " , ", "--registry", "{reg}"], {},
+                                 ("--tasks",)),
     "report of an unknown ref": (["report", "nosuch@v1", "--out", "{tmp}/r.html", "--registry", "{reg}"], {},
                                  ("nosuch",)),
     # usage errors: typer's usage message, exit 2
-    "unknown command": (["kto", SFT], {}, ("No such command",)),
+    "unknown command": (["ktoo", SFT], {}, ("No such command",)),
     "unknown option": (["sft", "--nosuch", SFT], {}, ("No such option",)),
     "missing argument": (["score"], {}, ("Missing argument",)),
     "bad option value": (["eval", "tiny-sft@v1", "--data", "x.yaml", "--limit", "0"], {}, ("--limit",)),
 }
 
-STAGE_COMMANDS = {"sft", "pairs", "reward", "dpo", "ppo", "grpo", "rloo"}
+STAGE_COMMANDS = {"sft", "pairs", "reward", "dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo"}
 
 
 def published(registry: Path) -> set[str]:
@@ -292,5 +346,5 @@ def test_catalogue_spans_every_command() -> None:
 
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     covered = {argv[0] for argv, _, _ in CATALOGUE.values()}
-    assert commands <= covered | {"kto"}, f"no bad-input case for: {commands - covered}"
+    assert commands <= covered, f"no bad-input case for: {commands - covered}"
     assert len(CATALOGUE) >= 60

@@ -36,5 +36,5 @@ def test_each_stage_has_its_command_section_readme_row_and_tiny_recipe(name: str
 def test_policy_stages_are_what_eval_accepts() -> None:
     from align.stages import stages_producing
 
-    assert set(stages_producing("policy")) == {"sft", "dpo", "ppo", "grpo", "rloo"}
+    assert set(stages_producing("policy")) == {"sft", "dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo"}
     assert stages_producing("reward") == ("reward",) and stages_producing("dataset") == ("pairs",)

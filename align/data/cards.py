@@ -79,6 +79,10 @@ class EvalSplit(BaseModel):
         return self
 
 
+# What a label may mean in each format that takes a `label_map`.
+LABEL_MEANINGS = {"pairwise_label": ("answer_a", "answer_b", "tie"), "unpaired": ("desirable", "undesirable", "skip")}
+
+
 class DataCard(BaseModel):
     """A validated data card; `path` and `directory` say where it was read from."""
 
@@ -95,8 +99,10 @@ class DataCard(BaseModel):
     on_malformed: Literal["error", "skip"] = "error"
     where: dict[str, Scalar] = Field(default_factory=dict,
                                      description="Column -> value: only rows where every column equals its value.")
-    label_map: dict[StrictInt | StrictStr, Literal["answer_a", "answer_b", "tie"]] | None = Field(
-        None, description="pairwise_label: what each label value means (integer labels need one).")
+    label_map: dict[StrictInt | StrictStr, Literal["answer_a", "answer_b", "tie", "desirable", "undesirable",
+                                                   "skip"]] | None = Field(
+        None, description="pairwise_label (answer_a | answer_b | tie) and unpaired (desirable | undesirable | skip): "
+                          "what each label value means (integer labels need one).")
 
     _path: Path = PrivateAttr(default=Path("<memory>"))
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -131,7 +137,13 @@ class DataCard(BaseModel):
         if self.label_map is None:
             return self
         if "label_map" not in getattr(FORMATS.get(self.format), "options", ()):
-            raise ValueError(f"label_map only applies to the pairwise_label format, not '{self.format}'")
+            raise ValueError(f"label_map only applies to the pairwise_label and unpaired formats, not "
+                             f"'{self.format}'")
+        allowed = LABEL_MEANINGS.get(self.format, ())
+        wrong = sorted({meaning for meaning in self.label_map.values() if meaning not in allowed})
+        if wrong:
+            raise ValueError(f"label_map: {', '.join(wrong)} is not a meaning in the {self.format} format "
+                             f"(use {' | '.join(allowed)})")
         texts = [str(key).strip() for key in self.label_map]
         if len(set(texts)) < len(texts):
             raise ValueError("label_map lists the same label twice (1 and '1' are the same label: CSV cells are text)")

@@ -358,3 +358,63 @@ def convert_pairwise_label(row: Mapping[str, Any], fields: Mapping[str, str],
     best = _preferred(row[fields["label"]], row, fields, label_map)
     system = _get(row, fields, "system", required=False)
     return _split_preference(prompt + answers[best], prompt + answers[1 - best], system, fields["system"])
+
+
+# ---------------------------------------------------------------- unpaired (thumbs up/down) converters
+
+# How an unpaired row's label reads without a `label_map`: booleans, and their usual spellings in text (CSV cells).
+_VERDICTS = {"true": True, "false": False, "desirable": True, "undesirable": False, "up": True, "down": False,
+             "thumbs_up": True, "thumbs_down": False, "good": True, "bad": False}
+UnpairedLabelMap = dict[str, str]  # a label's text -> desirable | undesirable | skip (`label_map` in the card)
+
+
+def _desirable(label: Any, fields: Mapping[str, str], label_map: UnpairedLabelMap | None) -> bool:
+    """True for a thumbs up, False for a thumbs down; no label (or one the card maps to `skip`) raises DroppedRow.
+
+    A number means nothing by itself (1/0? 1/-1? a 1-5 rating?), so integer labels are read only through the
+    card's `label_map`, as for pairwise_label; without one they raise LabelMapNeeded, which fails the whole load."""
+    if _is_missing(label):
+        raise DroppedRow(f"no rating (label {label!r})")
+    text = label.strip() if isinstance(label, str) else _label_text(label)
+    if label_map and text is not None:
+        meaning = next((label_map[key] for key in (text, _label_text(text)) if key in label_map), None)
+        if meaning == "skip":
+            raise DroppedRow(f"label {label!r} is mapped to skip")
+        if meaning is not None:
+            return meaning == "desirable"
+    if isinstance(label, bool):
+        return label
+    number = _label_text(label)
+    if number is not None:
+        if label_map:
+            known = ", ".join(map(repr, label_map))
+            raise RowError(f"label {label!r} is not in the card's label_map (labels: {known})")
+        raise LabelMapNeeded(f"field '{fields['label']}' holds the integer label {label!r}, which could mean either "
+                             "verdict (1/0? 1/-1? a rating?); say what each label means with `label_map` in the card, "
+                             "e.g. `label_map: {1: desirable, 0: undesirable}`")
+    if isinstance(label, str) and label.strip().lower() in _VERDICTS:
+        return _VERDICTS[label.strip().lower()]
+    raise RowError(f"label must be true/false (or desirable/undesirable, up/down), or a value of the card's "
+                   f"label_map, got {label!r}")
+
+
+def convert_unpaired(row: Mapping[str, Any], fields: Mapping[str, str],
+                     label_map: UnpairedLabelMap | None = None) -> dict:
+    """Canonical unpaired row: `{"prompt": [...], "completion": [reply], "label": bool}`, plus `completion_open`
+    when the row says whether its reply was cut off (rows without it keep their canonical form, and so their hash)."""
+    if fields["label"] not in row:
+        raise RowError(f"missing field '{fields['label']}'")
+    label = _desirable(row[fields["label"]], fields, label_map)
+    sft = convert_prompt_completion(row, fields)  # the same prompt/completion rules as SFT rows
+    out = {**sft, "label": label}
+    cut = _flag(row, fields, "completion_open")
+    return out if cut is None else {**out, "completion_open": cut}
+
+
+def unpair(row: Mapping[str, Any]) -> list[dict]:
+    """One canonical preference row as two unpaired rows: its chosen reply desirable, its rejected one not; a
+    reply's cut-off flag (`chosen_open`/`rejected_open`) travels with it as `completion_open`."""
+    flagged = "chosen_open" in row or "rejected_open" in row
+    return [{"prompt": row["prompt"], "completion": row[side], "label": side == "chosen",
+             **({"completion_open": bool(row.get(f"{side}_open"))} if flagged else {})}
+            for side in ("chosen", "rejected")]

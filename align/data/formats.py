@@ -20,7 +20,7 @@ class Format:
     """One dataset layout: its canonical field names, their default columns, and the converter."""
 
     name: str
-    kind: Literal["sft", "preference", "prompts"]
+    kind: Literal["sft", "preference", "prompts", "unpaired"]
     fields: dict[str, str]  # canonical field name -> default column (or key) name in the file
     required: tuple[str, ...]
     convert: Callable[..., dict]  # (row, fields, **options) -> canonical row
@@ -126,7 +126,25 @@ FORMATS: dict[str, Format] = {
                         "through the card's `label_map`); ties are dropped.",
             options=("label_map",),
         ),
+        Format(
+            name="unpaired",
+            kind="unpaired",
+            fields={"prompt": "prompt", "completion": "completion", "label": "label", "system": "system",
+                    "completion_open": "completion_open"},
+            required=("prompt", "completion", "label"),
+            convert=converters.convert_unpaired,
+            description="Unpaired feedback (thumbs up/down, for KTO): `prompt`, `completion` (strings or message "
+                        "lists) and a `label`: true/false (desirable/undesirable, up/down) or, through the card's "
+                        "`label_map`, an integer; optional `completion_open`: true for a cut-off reply.",
+            options=("label_map",),
+        ),
     )
+}
+
+# Rows of one kind a stage reading another kind can still train on, converted the one honest way (the stage
+# registry's `reads`): a preference pair is one desirable and one undesirable reply to the same prompt.
+KIND_CONVERSIONS: dict[tuple[str, str], Callable[[Mapping[str, Any]], list[dict]]] = {
+    ("preference", "unpaired"): converters.unpair,
 }
 
 

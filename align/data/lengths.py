@@ -102,7 +102,9 @@ def length_policy(stage: str, *, packing: bool = False, completion_only_loss: bo
         if packing:  # chunked into max_length blocks: nothing cut, nothing dropped
             return LengthPolicy(stage, "never", truncates=False)
         return LengthPolicy(stage, "prompt_fills" if completion_only_loss else "never", truncates=True)
-    if stage == "dpo":
+    # DPO and KTO drop a row whose prompt alone fills max_length (TRL 1.16); ORPO and SimPO (TRL's CPO) would keep
+    # it with an empty reply, so align drops it for them too.
+    if stage in ("dpo", "kto", "orpo", "simpo"):
         return LengthPolicy(stage, "prompt_fills", truncates=True)
     if stage == "reward":
         return LengthPolicy(stage, "longer", truncates=False)

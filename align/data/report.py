@@ -27,7 +27,8 @@ from align.errors import DataError
 
 SHOWN = 20
 # The stages that train on each kind of row, with their max_length rules (align.data.lengths).
-STAGES_READING = {"sft": ("sft",), "preference": ("reward", "dpo"), "prompts": ()}
+STAGES_READING = {"sft": ("sft",), "preference": ("reward", "dpo", "kto", "orpo", "simpo"), "prompts": (),
+                  "unpaired": ("kto",)}
 
 
 def unknown_columns_note(data: LoadedData) -> str:

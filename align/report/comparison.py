@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact
+    from align.bench_eval import BenchResult, BenchTask
     from align.eval_result import EvalResult, EvalSide
 
 NOT_MEASURED = "–"
@@ -112,4 +113,65 @@ def eval_summary_rows(result: EvalResult) -> list[SummaryRow]:
             ("reference NLL / token", parent.ref_nll_per_token, policy.ref_nll_per_token)):
         rows.append(SummaryRow(label, f"{parent_value:.3f}", f"{policy_value:.3f}",
                                f"{policy_value - parent_value:+.3f}"))
+    return rows
+
+
+BENCH_HEADERS = ("model", "vs parent", "task", "metric", "parent", "artifact", "Δ", "setup")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One metric of one lm-eval task of `align bench-eval`: the parent's and the artifact's value (± lm-eval's
+    standard error) and the change, cells in `BENCH_HEADERS` order."""
+
+    model: str
+    parent: str
+    task: str
+    metric: str
+    parent_value: str
+    artifact_value: str
+    delta: str
+    setup: str
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        return astuple(self)
+
+
+def bench_setup(task: BenchTask) -> str:
+    """How a task was measured, in a few words: documents, shots, precision, lm-eval version, and the first 8 hex
+    digits of the hashes of its config and documents (equal where two artifacts ran the same task the same way)."""
+    documents = "group" if task.samples is None else f"{task.samples} docs"
+    shots = "default shots" if task.num_fewshot is None else f"{task.num_fewshot}-shot"
+    hashes = "".join(f", {label} {digest[:8]}" for label, digest in (("config", task.config_sha256),
+                                                                     ("docs", task.docs_sha256)) if digest)
+    return f"{documents}, {shots}, {task.precision}, lm-eval {task.lm_eval_version}{hashes}"
+
+
+def bench_differences(benches: list[tuple[Artifact, BenchResult]]) -> list[str]:
+    """The tasks that the given artifacts' bench_eval.json files measured in more than one way (another config,
+    other documents, limit, shots, precision or lm-eval version): their scores are not comparable across rows."""
+    setups: dict[str, set[str]] = {}
+    for _, result in benches:
+        for name, task in result.tasks.items():
+            setups.setdefault(name, set()).add(bench_setup(task))
+    return sorted(name for name, seen in setups.items() if len(seen) > 1)
+
+
+def bench_rows(benches: list[tuple[Artifact, BenchResult]]) -> list[BenchRow]:
+    """Every metric of every task of every artifact's bench_eval.json, tasks by name, in the order given.
+    The change is artifact minus parent; '–' where either side has no value."""
+    rows = []
+    for artifact, result in benches:
+        for name, task in sorted(result.tasks.items()):
+            for metric, measured in task.artifact.items():
+                parent = task.parent.get(metric)
+                parent_value = parent.value if parent is not None else None
+                delta = (measured.value - parent_value if measured.value is not None and parent_value is not None
+                         else None)
+                rows.append(BenchRow(
+                    model=artifact.ref, parent=result.parent, task=name, metric=metric,
+                    parent_value=plus_minus(parent_value, parent.stderr if parent is not None else None, ".4f"),
+                    artifact_value=plus_minus(measured.value, measured.stderr, ".4f"),
+                    delta=plus_minus(delta, None, "+.4f"), setup=bench_setup(task)))
     return rows

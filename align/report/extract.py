@@ -17,6 +17,7 @@ from align.stages import STAGES, stages_producing
 
 if TYPE_CHECKING:
     from align.artifacts import Artifact
+    from align.bench_eval import BenchResult
 
 LOG_FILE = "log_history.json"
 
@@ -152,6 +153,14 @@ def artifact_metrics(artifact: Artifact) -> list[tuple[str, str]]:
 
 
 # ---- evaluations and the reward-KL frontier ----------------------------------------------------------------------
+
+
+def artifact_benches(artifacts: list[Artifact]) -> list[tuple[Artifact, BenchResult]]:
+    """The artifacts `align bench-eval` has run lm-eval tasks on, each with its bench_eval.json (typed: one that
+    does not validate is an ArtifactError naming the file and the field)."""
+    from align.bench_eval import BenchResult  # imports no ML library; kept local like the command that writes it
+
+    return [(artifact, result) for artifact in artifacts if (result := BenchResult.of(artifact.path)) is not None]
 
 
 def artifact_evals(artifacts: list[Artifact]) -> list[tuple[Artifact, EvalResult]]:

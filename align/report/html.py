@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from align.report.comparison import COMPARISON_HEADERS, comparison_rows
+from align.report.comparison import BENCH_HEADERS, COMPARISON_HEADERS, bench_rows, comparison_rows
 from align.report.extract import (
     LOG_FILE,
+    artifact_benches,
     artifact_evals,
     artifact_facts,
     artifact_metrics,
@@ -43,6 +44,7 @@ def _environment() -> Environment:
                               trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     environment.filters["anchor"] = anchor
     environment.globals["comparison_headers"] = COMPARISON_HEADERS
+    environment.globals["bench_headers"] = BENCH_HEADERS
     return environment
 
 
@@ -100,12 +102,17 @@ def render_report(registry: Registry, artifacts: list[Artifact]) -> str:
             "unplaced": [(a.ref, r.kl_note or "no kl in eval.json") for a, r in evals if r.kl is None],
             "comparison_rows": comparison_rows(evals),
         }
+    # lm-eval benchmarks (bench_eval.json): their own table, with or without any eval.json.
+    benches = bench_rows(artifact_benches(artifacts))
+    if benches:
+        nav.append(("benchmarks", "benchmarks"))
     return _environment().get_template("report.html.j2").render(
         title=f"align report: {', '.join(a.ref for a in artifacts)}", registry_root=registry.root,
         generated=datetime.now().astimezone().isoformat(timespec="seconds"), nav=nav, artifacts=artifacts,
         lineage_image=Image.of(plot_lineage(lineage_graph(trees)), "lineage graph: base model, then each artifact "
                                "with its stage and data cards, arrows from parent to child"),
-        lineage_trees=top_trees(trees), sections=[artifact_section(a) for a in artifacts], evals=evals, **context)
+        lineage_trees=top_trees(trees), sections=[artifact_section(a) for a in artifacts], evals=evals,
+        bench_rows=benches, **context)
 
 
 def render_samples(artifact_ref: str, result: EvalResult) -> str:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from align.manifest import Manifest
     from align.recipe import Recipe
 
-RowKind = Literal["sft", "preference", "prompts"]
+RowKind = Literal["sft", "preference", "prompts", "unpaired"]
 Product = Literal["policy", "reward", "dataset"]
 
 
@@ -89,6 +89,15 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("dpo", "Direct preference optimisation from an SFT artifact; the reference is the same model, adapter "
           "off.", reads="preference", produces="policy", task_type="CAUSAL_LM", manifest_model="DpoManifest",
           headline=("eval_reward_accuracy", "eval_reward_margin"), kl_settings=("beta",)),
+    Stage("kto", "KTO (TRL) from an SFT artifact on thumbs-up/down rows (or pairs, split into both); the "
+          "reference is the same model, adapter off.", reads="unpaired", produces="policy", task_type="CAUSAL_LM",
+          manifest_model="KtoManifest", headline=("eval_reward_margin", "eval_kl"), kl_settings=("beta",)),
+    Stage("orpo", "ORPO (TRL): odds-ratio preference optimisation from an SFT artifact, no reference model.",
+          reads="preference", produces="policy", task_type="CAUSAL_LM", manifest_model="OrpoManifest",
+          headline=("eval_reward_accuracy", "eval_reward_margin")),
+    Stage("simpo", "SimPO (TRL's CPO trainer): length-normalised preference optimisation, no reference model.",
+          reads="preference", produces="policy", task_type="CAUSAL_LM", manifest_model="SimpoManifest",
+          headline=("eval_reward_accuracy", "eval_reward_margin")),
     Stage("ppo", "PPO from an SFT artifact with a reward artifact: policy, value and reward adapters on one base "
           "model.", reads="prompts", produces="policy", task_type="CAUSAL_LM", manifest_model="PpoManifest",
           headline=("eval_score_before", "eval_score", "kl_last"), kl_settings=("target_kl", "kl_coef"),

@@ -4,13 +4,7 @@ Steps: preference card -> pairs; SFT artifact merged into the base in memory; a 
 `peft_config`, so TRL's reference model is this same model with the adapter disabled (no second copy of
 the weights); preference accuracy and margins on the eval split before and after; publish the adapter.
 
-Open replies: TRL 1.16's `DPOTrainer._prepare_dataset` closes every completion. Plain text gets the EOS
-string appended (its inner `add_eos`), conversational rows are rendered by the chat template, which ends the
-assistant turn. A reply that was cut off at the sampling limit (`chosen_open`/`rejected_open` in the rows, see
-`align.data.formats`) must not be closed, or DPO teaches the model to stop where it was cut. TRL has no per-row
-switch for this, so `open_end_trainer` re-tokenises just those completions after TRL's preparation: the same
-text TRL tokenised minus the appended EOS, or the chat template with `continue_final_message=True`
-(transformers cuts the rendering right after the message content).
+Open replies (cut-off replies get no EOS or end of turn): `align.stages.open_end`, shared with `kto`.
 """
 
 from __future__ import annotations
@@ -21,47 +15,11 @@ from typing import Any
 
 from align import training
 from align.artifacts import Artifact, Registry
-from align.errors import DataError
 from align.recipe import DpoSection, Recipe
+from align.stages.open_end import OpenFlags, open_completion_ids, open_flags, reopened
 
-OpenFlags = list[tuple[bool, bool]]  # per row: (chosen is open, rejected is open)
+__all__ = ["OpenFlags", "loss_at_reference", "open_completion_ids", "open_end_trainer", "open_flags", "run"]
 _SIDES = ("chosen", "rejected")
-
-
-def open_flags(rows: list[dict[str, Any]]) -> OpenFlags:
-    """Which completions of each canonical preference row must stay open (no EOS / end of turn after them)."""
-    return [(bool(row.get("chosen_open")), bool(row.get("rejected_open"))) for row in rows]
-
-
-def open_completion_ids(tokenizer: Any, prompt: str | list[dict[str, str]], completion: str | list[dict[str, str]],
-                        prompt_ids: list[int]) -> list[int]:
-    """The completion's token ids as TRL's `tokenize_fn` makes them, minus what closes it.
-
-    Plain text: TRL tokenises `prompt + completion + eos_token`; the EOS is a special token, so the same text
-    without it tokenises identically up to there. Chat: the template renders `prompt + [reply]` and transformers'
-    `continue_final_message` stops the rendering after the reply's content, dropping the end-of-turn tokens."""
-    if isinstance(prompt, list):
-        try:
-            ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True,
-                                                continue_final_message=True)["input_ids"]
-        except ValueError as exc:  # e.g. a template that never prints the message content as given
-            raise DataError(f"cannot leave a cut-off chat reply open with this chat template: {exc}") from None
-    else:
-        eos = tokenizer.eos_token
-        text = completion[: -len(eos)] if eos and completion.endswith(eos) else completion
-        ids = tokenizer(text=prompt + text)["input_ids"]
-    if ids[: len(prompt_ids)] != prompt_ids:
-        raise DataError("a cut-off reply's tokens do not start with its prompt's tokens; cannot leave it open")
-    return ids[len(prompt_ids):]
-
-
-def _reopen(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """One prepared row with its open completions re-tokenised (dataset.map function)."""
-    out = {}
-    for side in _SIDES:
-        if example[f"_align_{side}_open"]:
-            out[f"{side}_ids"] = open_completion_ids(tokenizer, example["prompt"], example[side], example["prompt_ids"])
-    return out
 
 
 @cache
@@ -77,17 +35,11 @@ def open_end_trainer() -> type:
             super().__init__(*args, **kwargs)
 
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            flags = self._align_open_flags.get(dataset_name) or []
-            if not any(any(pair) for pair in flags):
-                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if len(flags) != len(dataset):
-                raise ValueError(f"{dataset_name}: {len(flags)} open flags for {len(dataset)} rows")
-            columns = [f"_align_{side}_open" for side in _SIDES]
-            for index, column in enumerate(columns):  # columns travel with their rows through TRL's map/filter
-                dataset = dataset.add_column(column, [pair[index] for pair in flags])
-            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            return prepared.map(_reopen, fn_kwargs={"tokenizer": self._tokenizer}, remove_columns=columns,
-                                desc=f"Leaving cut-off replies open in {dataset_name} dataset")
+            def prepare(rows: Any) -> Any:
+                return super(OpenEndDPOTrainer, self)._prepare_dataset(rows, processing_class, args, dataset_name)
+
+            return reopened(dataset, self._align_open_flags.get(dataset_name) or [], _SIDES, prepare,
+                            self._tokenizer, dataset_name)
 
     return OpenEndDPOTrainer
 

@@ -16,7 +16,16 @@ from align.manifest import (
     RewardAdapterInfo,
     ValueAdapterInfo,
 )
-from align.recipe import DpoSection, GrpoSection, PairsSection, PpoSection, RlooSection
+from align.recipe import (
+    DpoSection,
+    GrpoSection,
+    KtoSection,
+    OrpoSection,
+    PairsSection,
+    PpoSection,
+    RlooSection,
+    SimpoSection,
+)
 from align.records import Strict
 
 
@@ -95,6 +104,48 @@ class DpoMetrics(TrainedMetrics):
         metrics = super().migrate_v1(metrics)
         metrics["train_rows_truncated"] = metrics.pop("train_rows_truncated_too_long", None)
         return metrics
+
+
+class KtoMetrics(TrainedMetrics):
+    """Rewards are beta x log-ratio to the reference on the eval rows; eval_kl is TRL's batch estimate of the
+    policy's KL to the reference (mismatched prompt/reply pairs). train_pairs/eval_pairs: the preference pairs a
+    paired card's rows were split from (each one desirable + one undesirable row), so rows_read = train_pairs +
+    eval_pairs + the rows dropped; null for an unpaired card, whose rows_read counts its rows."""
+
+    eval_loss_before: float | None
+    eval_loss: float | None
+    eval_reward_chosen: float | None
+    eval_reward_rejected: float | None
+    eval_reward_margin: float | None
+    eval_kl: float | None
+    open_replies: int
+    train_desirable: int
+    train_undesirable: int
+    train_pairs: int | None
+    eval_pairs: int | None
+
+
+class ReferenceFreeMetrics(TrainedMetrics):
+    """ORPO and SimPO: their rewards are the policy's own (scaled) log-probabilities, with no reference, so the
+    accuracy before training is the starting model's preference and is measured, not assumed."""
+
+    eval_loss_before: float | None
+    eval_loss: float | None
+    eval_reward_accuracy_before: float | None
+    eval_reward_accuracy: float | None
+    eval_reward_margin: float | None
+    eval_reward_chosen: float | None
+    eval_reward_rejected: float | None
+    eval_nll_loss: float | None
+    open_replies: int
+
+
+class OrpoMetrics(ReferenceFreeMetrics):
+    eval_log_odds_ratio: float | None
+
+
+class SimpoMetrics(ReferenceFreeMetrics):
+    pass
 
 
 class OnlineMetrics(TrainedMetrics):
@@ -198,6 +249,27 @@ class DpoManifest(CountedManifest):
     metrics: DpoMetrics
     adapter: AdapterInfo
     dpo: DpoSection
+
+
+class KtoManifest(CountedManifest):
+    stage: Literal["kto"]
+    metrics: KtoMetrics
+    adapter: AdapterInfo
+    kto: KtoSection
+
+
+class OrpoManifest(CountedManifest):
+    stage: Literal["orpo"]
+    metrics: OrpoMetrics
+    adapter: AdapterInfo
+    orpo: OrpoSection
+
+
+class SimpoManifest(CountedManifest):
+    stage: Literal["simpo"]
+    metrics: SimpoMetrics
+    adapter: AdapterInfo
+    simpo: SimpoSection
 
 
 class PpoManifest(CountedManifest):
