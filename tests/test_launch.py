@@ -209,3 +209,4 @@ def test_grpo_trains_on_two_ranks(tmp_path: Path, run_align: Callable, reward_ar
     assert result.returncode == 0, result.stderr[-3000:]
     m = manifest(registry, "tiny-grpo")
     assert m["world_size"] == 2 and m["metrics"]["global_step"] == 2
+

@@ -65,7 +65,7 @@ def test_integer_labels_need_the_card_label_map_even_with_skip(tmp_path: Path) -
 @pytest.mark.parametrize(("body", "problem"), [
     ("format: pairwise_label\nlabel_map: {1: answer_a, 2: better}\n", "label_map.2"),
     ("format: pairwise_label\nlabel_map: {1: answer_a, ' 1': answer_b}\n", "lists the same label twice"),
-    ("format: chosen_rejected\nlabel_map: {1: answer_a}\n", "only applies to the pairwise_label format"),
+    ("format: chosen_rejected\nlabel_map: {1: answer_a}\n", "only applies to the pairwise_label and unpaired formats"),
     ("format: pairwise_label\nlabel_map: {true: answer_a}\n", "label_map"),
 ])
 def test_label_map_is_checked_with_the_card(tmp_path: Path, body: str, problem: str) -> None:
