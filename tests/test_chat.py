@@ -273,18 +273,6 @@ def read_until(fd: int, pattern: str, seen: list[str], timeout: float = 120) -> 
     return text
 
 
-def read_more(fd: int, count: int, seen: list[str], timeout: float = 60) -> str:
-    """Read the terminal until at least `count` more characters arrived (a reply is streaming)."""
-    text = ""
-    while len(text) < count:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        assert ready, f"nothing more arrived: {''.join(seen)[-3000:]!r}"
-        chunk = os.read(fd, 4096).decode(errors="replace")
-        text += chunk
-        seen.append(chunk)
-    return text
-
-
 def test_interactive_session_in_a_terminal(sft_registry: Path, greedy_reply: str, tmp_path: Path) -> None:
     """The real command on a pseudo-terminal that is its controlling terminal (so Ctrl-C is the terminal's SIGINT):
     a streamed reply, /params, a bad /params, /system, /reset, Ctrl-D. (Ctrl-C is covered by the session-loop tests

@@ -313,6 +313,14 @@ def _is_missing(label: Any) -> bool:
     return label is None or (isinstance(label, float) and label != label)
 
 
+def _mapped_meaning(label: Any, label_map: Mapping[str, str] | None) -> str | None:
+    """What the card's `label_map` says `label` means (its text, or its number spelled out), None when unmapped."""
+    text = label.strip() if isinstance(label, str) else _label_text(label)
+    if not label_map or text is None:
+        return None
+    return next((label_map[key] for key in (text, _label_text(text)) if key in label_map), None)
+
+
 def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str], label_map: LabelMap | None) -> int:
     """0 when the label prefers answer_a, 1 for answer_b; a tie raises DroppedRow.
 
@@ -320,13 +328,11 @@ def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str], la
     card's `label_map`; without one they raise LabelMapNeeded, which fails the whole load."""
     if _is_missing(label):
         raise DroppedRow(f"tie (label {label!r})")
-    text = label.strip() if isinstance(label, str) else _label_text(label)
-    if label_map and text is not None:
-        meaning = next((label_map[key] for key in (text, _label_text(text)) if key in label_map), None)
+    meaning = _mapped_meaning(label, label_map)
+    if meaning is not None:
         if meaning == "tie":
             raise DroppedRow(f"tie (label {label!r})")
-        if meaning is not None:
-            return ("answer_a", "answer_b").index(meaning)
+        return ("answer_a", "answer_b").index(meaning)
     number = _label_text(label)
     if number is not None:
         if label_map:
@@ -375,13 +381,11 @@ def _desirable(label: Any, fields: Mapping[str, str], label_map: UnpairedLabelMa
     card's `label_map`, as for pairwise_label; without one they raise LabelMapNeeded, which fails the whole load."""
     if _is_missing(label):
         raise DroppedRow(f"no rating (label {label!r})")
-    text = label.strip() if isinstance(label, str) else _label_text(label)
-    if label_map and text is not None:
-        meaning = next((label_map[key] for key in (text, _label_text(text)) if key in label_map), None)
+    meaning = _mapped_meaning(label, label_map)
+    if meaning is not None:
         if meaning == "skip":
             raise DroppedRow(f"label {label!r} is mapped to skip")
-        if meaning is not None:
-            return meaning == "desirable"
+        return meaning == "desirable"
     if isinstance(label, bool):
         return label
     number = _label_text(label)
