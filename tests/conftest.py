@@ -106,34 +106,66 @@ def run_align(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subproc
 
 
 @pytest.fixture(scope="session")
-def sft_registry(tmp_path_factory: pytest.TempPathFactory, run_align: Callable, stories_dir: Path) -> Path:
-    """A registry where the tiny SFT recipe ran twice (v1, v2): shared by every test that reads SFT artifacts."""
-    root = tmp_path_factory.mktemp("registry")
-    for _ in range(2):
-        result = run_align("sft", TINY_SFT, "--registry", root)
-        assert result.returncode == 0, result.stderr[-3000:]
+def chain_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny chain is built once per test session: under pytest-xdist the workers' common directory,
+    so the two workers do not each train the same artifacts (each copies them into its own registry)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-chain"
+    root.mkdir(exist_ok=True)
     return root
 
 
 @pytest.fixture(scope="session")
-def pairs_artifact(sft_registry: Path, run_align: Callable) -> Path:
+def built(chain_root: Path, run_align: Callable) -> Callable[..., Path]:
+    """built(name, *runs) -> the artifact `name` in the session's shared chain registry, made by running each
+    `align` argument list of `runs` there the first time any worker asks (one lock per artifact)."""
+    from filelock import FileLock
+
+    registry = chain_root / "registry"
+
+    def build(name: str, *runs: tuple[str, ...]) -> Path:
+        with FileLock(str(chain_root / f"{name}.lock")):
+            done = chain_root / f"{name}.done"
+            if not done.exists():
+                for args in runs:
+                    result = run_align(*args, "--registry", registry)
+                    assert result.returncode == 0, result.stderr[-3000:]
+                done.touch()
+        return registry / name
+
+    return build
+
+
+def _copied(artifact: Path, registry: Path) -> Path:
+    """The shared artifact copied whole (versions and runs) into a worker's own registry."""
+    import shutil
+
+    shutil.copytree(artifact, registry / artifact.name, symlinks=True)
+    return registry / artifact.name
+
+
+@pytest.fixture(scope="session")
+def sft_registry(tmp_path_factory: pytest.TempPathFactory, built: Callable, stories_dir: Path) -> Path:
+    """A registry where the tiny SFT recipe ran twice (v1, v2): shared by every test that reads SFT artifacts.
+    Each worker has its own (tests publish into it); the later fixtures add the chain's other artifacts."""
+    root = tmp_path_factory.mktemp("registry")
+    _copied(built("tiny-sft", ("sft", TINY_SFT), ("sft", TINY_SFT)), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pairs_artifact(sft_registry: Path, built: Callable) -> Path:
     """tiny-pairs@v1: VADER-labelled story pairs sampled from tiny-sft@latest, in the session registry."""
-    result = run_align("pairs", REPO / "recipes" / "tiny" / "pairs.yaml", "--registry", sft_registry)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sft_registry / "tiny-pairs" / "v1"
+    return _copied(built("tiny-pairs", ("pairs", REPO / "recipes" / "tiny" / "pairs.yaml")), sft_registry) / "v1"
 
 
 @pytest.fixture(scope="session")
-def reward_artifact(pairs_artifact: Path, sft_registry: Path, run_align: Callable) -> Path:
+def reward_artifact(pairs_artifact: Path, sft_registry: Path, built: Callable) -> Path:
     """tiny-rm@v1: the tiny reward model, from tiny-sft@latest, trained on tiny-pairs@latest."""
-    result = run_align("reward", REPO / "recipes" / "tiny" / "reward.yaml", "--registry", sft_registry)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sft_registry / "tiny-rm" / "v1"
+    return _copied(built("tiny-rm", ("reward", REPO / "recipes" / "tiny" / "reward.yaml")), sft_registry) / "v1"
 
 
 @pytest.fixture(scope="session")
-def dpo_artifact(pairs_artifact: Path, sft_registry: Path, run_align: Callable) -> Path:
+def dpo_artifact(pairs_artifact: Path, sft_registry: Path, built: Callable) -> Path:
     """tiny-dpo@v1: DPO of tiny-sft@latest on tiny-pairs@latest."""
-    result = run_align("dpo", REPO / "recipes" / "tiny" / "dpo.yaml", "--registry", sft_registry)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sft_registry / "tiny-dpo" / "v1"
+    return _copied(built("tiny-dpo", ("dpo", REPO / "recipes" / "tiny" / "dpo.yaml")), sft_registry) / "v1"

@@ -210,3 +210,31 @@ def test_grpo_trains_on_two_ranks(tmp_path: Path, run_align: Callable, reward_ar
     m = manifest(registry, "tiny-grpo")
     assert m["world_size"] == 2 and m["metrics"]["global_step"] == 2
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "name", "parents", "settings", "epoch"), [
+    # epoch after 2 steps on 2 ranks: rloo 2 x 2 x 16 replies / 4 per prompt = 16 of 800 prompts; kto 2 x 2 x 8 of
+    # 64 rows (32 pairs read as two rows each); orpo and simpo 2 x 2 x 8 of 32 pairs. One rank alone counts half.
+    ("rloo", "tiny-rloo", ("tiny-sft", "tiny-rm"), ["rloo.max_new_tokens=8"], 0.02),
+    ("kto", "tiny-kto", ("tiny-sft", "tiny-pairs"), ["data.limit=32", "data.eval_limit=16"], 0.5),
+    ("orpo", "tiny-orpo", ("tiny-sft", "tiny-pairs"), ["data.limit=32", "data.eval_limit=16"], 1.0),
+    ("simpo", "tiny-simpo", ("tiny-sft", "tiny-pairs"), ["data.limit=32", "data.eval_limit=16"], 1.0),
+])
+def test_the_other_trainer_stages_train_on_two_ranks(stage: str, name: str, parents: tuple[str, ...],
+                                                     settings: list[str], epoch: float, tmp_path: Path,
+                                                     run_align: Callable, reward_artifact: Path,
+                                                     sft_registry: Path) -> None:
+    """rloo, kto, orpo and simpo (TRL's trainers, like grpo and dpo above) on two DDP ranks: one version, world
+    size 2, and each rank reads its own share of the rows (the epoch advances twice as fast as on one rank)."""
+    registry = tmp_path / "registry"
+    for parent in parents:
+        shutil.copytree(sft_registry / parent, registry / parent)
+    overrides = [arg for setting in ["train.max_steps=2", *settings] for arg in ("--set", setting)]
+    result = run_align(stage, TINY / f"{stage}.yaml", "--registry", registry, "--num-processes", "2", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (registry / name).glob("v*")) == ["v1"]
+    m = manifest(registry, name)
+    assert m["world_size"] == 2 and m["launch"]["preset"] == "ddp" and m["metrics"]["global_step"] == 2
+    history = json.loads((registry / name / "v1" / "log_history.json").read_text())
+    assert history[-1]["epoch"] == pytest.approx(epoch)
