@@ -221,20 +221,21 @@ def test_grpo_trains_on_two_ranks(tmp_path: Path, run_align: Callable, reward_ar
     ("orpo", "tiny-orpo", ("tiny-sft", "tiny-pairs"), ["data.limit=32", "data.eval_limit=16"], 1.0),
     ("simpo", "tiny-simpo", ("tiny-sft", "tiny-pairs"), ["data.limit=32", "data.eval_limit=16"], 1.0),
 ])
-def test_the_other_trainer_stages_train_on_two_ranks(stage: str, name: str, parents: tuple[str, ...],
+def test_the_other_trainer_stages_train_under_fsdp2_on_two_ranks(stage: str, name: str, parents: tuple[str, ...],
                                                      settings: list[str], epoch: float, tmp_path: Path,
                                                      run_align: Callable, reward_artifact: Path,
                                                      sft_registry: Path) -> None:
-    """rloo, kto, orpo and simpo (TRL's trainers, like grpo and dpo above) on two DDP ranks: one version, world
+    """rloo, kto, orpo and simpo (TRL's trainers, like dpo above) under FSDP2 on two CPU ranks: one version, world
     size 2, and each rank reads its own share of the rows (the epoch advances twice as fast as on one rank)."""
     registry = tmp_path / "registry"
     for parent in parents:
         shutil.copytree(sft_registry / parent, registry / parent)
     overrides = [arg for setting in ["train.max_steps=2", *settings] for arg in ("--set", setting)]
-    result = run_align(stage, TINY / f"{stage}.yaml", "--registry", registry, "--num-processes", "2", *overrides)
+    result = run_align(stage, TINY / f"{stage}.yaml", "--registry", registry, "--preset", "fsdp2",
+                       "--num-processes", "2", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (registry / name).glob("v*")) == ["v1"]
     m = manifest(registry, name)
-    assert m["world_size"] == 2 and m["launch"]["preset"] == "ddp" and m["metrics"]["global_step"] == 2
+    assert m["world_size"] == 2 and m["launch"]["distributed_type"] == "FSDP" and m["metrics"]["global_step"] == 2
     history = json.loads((registry / name / "v1" / "log_history.json").read_text())
     assert history[-1]["epoch"] == pytest.approx(epoch)
