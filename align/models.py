@@ -14,7 +14,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +130,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
+def write_cache_directory(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill the cache directory `target` once: `write(scratch)` fills a scratch directory beside it, which is then
+    renamed into place, so a reader never sees half a directory; when another process got there first, its copy
+    stays and this one is dropped."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".tmp-{uuid.uuid4().hex}"
+    try:
+        write(scratch)
+        try:
+            os.rename(scratch, target)
+        except OSError:  # another process wrote it first
+            pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _gguf_to_hf_dir(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a plain HF directory in the cache; later loads read the directory."""
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
@@ -138,9 +154,7 @@ def _gguf_to_hf_dir(gguf_path: Path) -> Path:
     guard_weight_loading(f"dequantising {gguf_path}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".tmp-{uuid.uuid4().hex}"
-    try:
+    def write(scratch: Path) -> None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -152,12 +166,8 @@ def _gguf_to_hf_dir(gguf_path: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
-        try:
-            os.rename(scratch, target)
-        except OSError:  # another process converted it first
-            pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+    write_cache_directory(target, write)
     return target
 
 

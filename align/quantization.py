@@ -14,8 +14,6 @@ an SFT chain merged into a 4-bit base would mostly vanish.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -208,16 +206,8 @@ def merged_start(start: StartingPoint, registry: Registry, dtype: Any) -> BaseMo
                                 None, start.base.trust_remote_code)
     if (target / "config.json").exists():
         return spec
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".tmp-{uuid.uuid4().hex}"
-    try:
-        models.load_starting_model(start, registry, dtype).save_pretrained(scratch)
-        try:
-            os.rename(scratch, target)
-        except OSError:  # another process merged it first
-            pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    models.write_cache_directory(target, lambda scratch: models.load_starting_model(start, registry, dtype)
+                                 .save_pretrained(scratch))
     return spec
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,17 @@ def shared_dir() -> Path:
 def stories_dir() -> Path:
     """The real pretrained 0.29M-parameter stories260K Llama."""
     return _require_shared() / "models" / "stories260K"
+
+
+def bench_module(name: str) -> Any:
+    """bench/NAME.py imported as a module (bench/ holds scripts, not a package), once per process."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def align_env(cache: Path) -> dict[str, str]:

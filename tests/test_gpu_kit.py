@@ -6,27 +6,21 @@ in `bash bench/gpu_check.sh --cpu-smoke` (about 20 s here) and on a GPU."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from conftest import REPO, bench_module
 
 
 @pytest.fixture(scope="module")
 def kit() -> Any:
-    """bench/gpu_check.py as a module (bench/ holds scripts, not a package)."""
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-        sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["gpu_check"])
-    return sys.modules["gpu_check"]
+    """bench/gpu_check.py as a module."""
+    return bench_module("gpu_check")
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])

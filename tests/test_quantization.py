@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from conftest import REPO, bench_module
 
 from align import quantization
 from align.errors import ArtifactError, RecipeError
@@ -299,15 +299,8 @@ TINY_LLAMA = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "n
 
 
 def memory_bench() -> Any:
-    """bench/qlora_memory.py as a module (bench/ is scripts, not a package)."""
-    import importlib.util
-    import sys
-
-    if "qlora_memory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("qlora_memory", REPO / "bench" / "qlora_memory.py")
-        sys.modules["qlora_memory"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["qlora_memory"])
-    return sys.modules["qlora_memory"]
+    """bench/qlora_memory.py as a module."""
+    return bench_module("qlora_memory")
 
 
 def test_memory_table_counts_bytes_from_the_shapes() -> None:

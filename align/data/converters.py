@@ -321,6 +321,20 @@ def _mapped_meaning(label: Any, label_map: Mapping[str, str] | None) -> str | No
     return next((label_map[key] for key in (text, _label_text(text)) if key in label_map), None)
 
 
+def _refuse_unmapped_integer(label: Any, fields: Mapping[str, str], label_map: Mapping[str, str] | None,
+                             readings: str, example: str) -> None:
+    """An integer label not read through the card's `label_map`: a RowError when the map lacks it, else
+    LabelMapNeeded (which fails the whole load), naming what it could mean (`readings`) and an `example` map."""
+    if _label_text(label) is None:
+        return
+    if label_map:
+        known = ", ".join(map(repr, label_map))
+        raise RowError(f"label {label!r} is not in the card's label_map (labels: {known})")
+    raise LabelMapNeeded(f"field '{fields['label']}' holds the integer label {label!r}, which could mean either "
+                         f"{readings}; say what each label means with `label_map` in the card, e.g. "
+                         f"`label_map: {example}`")
+
+
 def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str], label_map: LabelMap | None) -> int:
     """0 when the label prefers answer_a, 1 for answer_b; a tie raises DroppedRow.
 
@@ -333,14 +347,8 @@ def _preferred(label: Any, row: Mapping[str, Any], fields: Mapping[str, str], la
         if meaning == "tie":
             raise DroppedRow(f"tie (label {label!r})")
         return ("answer_a", "answer_b").index(meaning)
-    number = _label_text(label)
-    if number is not None:
-        if label_map:
-            known = ", ".join(map(repr, label_map))
-            raise RowError(f"label {label!r} is not in the card's label_map (labels: {known})")
-        raise LabelMapNeeded(f"field '{fields['label']}' holds the integer label {label!r}, which could mean either "
-                             "answer (0/1? 1/2 with 0 a tie?); say what each label means with `label_map` in the "
-                             "card, e.g. `label_map: {1: answer_a, 2: answer_b, 0: tie}`")
+    _refuse_unmapped_integer(label, fields, label_map, "answer (0/1? 1/2 with 0 a tie?)",
+                             "{1: answer_a, 2: answer_b, 0: tie}")
     if isinstance(label, str):
         text = label.strip()
         if text.lower() in _TIES:
@@ -388,14 +396,8 @@ def _desirable(label: Any, fields: Mapping[str, str], label_map: UnpairedLabelMa
         return meaning == "desirable"
     if isinstance(label, bool):
         return label
-    number = _label_text(label)
-    if number is not None:
-        if label_map:
-            known = ", ".join(map(repr, label_map))
-            raise RowError(f"label {label!r} is not in the card's label_map (labels: {known})")
-        raise LabelMapNeeded(f"field '{fields['label']}' holds the integer label {label!r}, which could mean either "
-                             "verdict (1/0? 1/-1? a rating?); say what each label means with `label_map` in the card, "
-                             "e.g. `label_map: {1: desirable, 0: undesirable}`")
+    _refuse_unmapped_integer(label, fields, label_map, "verdict (1/0? 1/-1? a rating?)",
+                             "{1: desirable, 0: undesirable}")
     if isinstance(label, str) and label.strip().lower() in _VERDICTS:
         return _VERDICTS[label.strip().lower()]
     raise RowError(f"label must be true/false (or desirable/undesirable, up/down), or a value of the card's "

@@ -16,7 +16,7 @@ from typing import Any
 from align import training
 from align.artifacts import Artifact, Registry
 from align.recipe import DpoSection, Recipe
-from align.stages.open_end import OpenFlags, open_completion_ids, open_flags, reopened
+from align.stages.open_end import OpenFlags, open_completion_ids, open_end_subclass, open_flags
 
 __all__ = ["OpenFlags", "loss_at_reference", "open_completion_ids", "open_end_trainer", "open_flags", "run"]
 _SIDES = ("chosen", "rejected")
@@ -27,21 +27,7 @@ def open_end_trainer() -> type:
     """DPOTrainer that leaves flagged completions open; built on first use so the CLI starts without TRL."""
     from trl import DPOTrainer
 
-    class OpenEndDPOTrainer(DPOTrainer):
-        """`open_flags={"train": OpenFlags, "eval": OpenFlags}`, aligned with the datasets' rows."""
-
-        def __init__(self, *args: Any, open_flags: dict[str, OpenFlags], **kwargs: Any) -> None:
-            self._align_open_flags = open_flags  # read by _prepare_dataset, which DPOTrainer.__init__ calls
-            super().__init__(*args, **kwargs)
-
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            def prepare(rows: Any) -> Any:
-                return super(OpenEndDPOTrainer, self)._prepare_dataset(rows, processing_class, args, dataset_name)
-
-            return reopened(dataset, self._align_open_flags.get(dataset_name) or [], _SIDES, prepare,
-                            self._tokenizer, dataset_name)
-
-    return OpenEndDPOTrainer
+    return open_end_subclass(DPOTrainer, _SIDES)
 
 
 def loss_at_reference(settings: DpoSection) -> float | None:

@@ -25,7 +25,7 @@ from typing import Any
 from align import training
 from align.artifacts import Artifact, Registry
 from align.recipe import KtoSection, Recipe
-from align.stages.open_end import OpenFlags, open_flags, reopened
+from align.stages.open_end import OpenFlags, open_end_subclass, open_flags
 
 _SIDES = ("completion",)
 
@@ -36,30 +36,20 @@ def _kl_rotation(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
     return {"KL_completion_ids": ids[-1:] + ids[:-1]}
 
 
+def _rebuild_kl(trainer: Any, prepared: Any, flags: OpenFlags, args: Any, dataset_name: str) -> Any:
+    """TRL derives the KL completions from the closed ids: derive them again from the reopened ones."""
+    if not any(any(row) for row in flags) or not trainer.calculate_KL:
+        return prepared
+    return prepared.map(_kl_rotation, batched=True, batch_size=args.per_device_train_batch_size,
+                        desc=f"Rebuilding KL completions of {dataset_name} dataset")
+
+
 @cache
 def open_end_trainer() -> type:
     """KTOTrainer that leaves flagged completions open; built on first use so the CLI starts without TRL."""
     from trl import KTOTrainer
 
-    class OpenEndKTOTrainer(KTOTrainer):
-        """`open_flags={"train": OpenFlags, "eval": OpenFlags}`, aligned with the datasets' rows."""
-
-        def __init__(self, *args: Any, open_flags: dict[str, OpenFlags], **kwargs: Any) -> None:
-            self._align_open_flags = open_flags  # read by _prepare_dataset, which KTOTrainer.__init__ calls
-            super().__init__(*args, **kwargs)
-
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            def prepare(rows: Any) -> Any:
-                return super(OpenEndKTOTrainer, self)._prepare_dataset(rows, processing_class, args, dataset_name)
-
-            flags = self._align_open_flags.get(dataset_name) or []
-            prepared = reopened(dataset, flags, _SIDES, prepare, self._tokenizer, dataset_name)
-            if not any(any(row) for row in flags) or not self.calculate_KL:
-                return prepared
-            return prepared.map(_kl_rotation, batched=True, batch_size=args.per_device_train_batch_size,
-                                desc=f"Rebuilding KL completions of {dataset_name} dataset")
-
-    return OpenEndKTOTrainer
+    return open_end_subclass(KTOTrainer, _SIDES, _rebuild_kl)
 
 
 def shuffled(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:

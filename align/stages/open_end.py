@@ -65,3 +65,26 @@ def reopened(dataset: Any, flags: OpenFlags, sides: Sequence[str], prepare: Call
         dataset = dataset.add_column(column, [row[index] for row in flags])
     return prepare(dataset).map(_reopen, fn_kwargs={"tokenizer": tokenizer, "sides": tuple(sides)},
                                 remove_columns=columns, desc=f"Leaving cut-off replies open in {name} dataset")
+
+
+def open_end_subclass(trainer: type, sides: Sequence[str],
+                      finish: Callable[[Any, Any, OpenFlags, Any, str], Any] | None = None) -> type:
+    """`trainer` (TRL's DPOTrainer or KTOTrainer) taking `open_flags={"train": OpenFlags, "eval": OpenFlags}`,
+    aligned with the datasets' rows, whose `_prepare_dataset` leaves the flagged completions open (`reopened`).
+    `finish(trainer, prepared, flags, args, dataset_name)` rebuilds what the trainer derived from the closed ids."""
+
+    class OpenEnd(trainer):
+        def __init__(self, *args: Any, open_flags: dict[str, OpenFlags], **kwargs: Any) -> None:
+            self._align_open_flags = open_flags  # read by _prepare_dataset, which the trainer's __init__ calls
+            super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            def prepare(rows: Any) -> Any:
+                return super(OpenEnd, self)._prepare_dataset(rows, processing_class, args, dataset_name)
+
+            flags = self._align_open_flags.get(dataset_name) or []
+            prepared = reopened(dataset, flags, sides, prepare, self._tokenizer, dataset_name)
+            return finish(self, prepared, flags, args, dataset_name) if finish else prepared
+
+    OpenEnd.__name__ = OpenEnd.__qualname__ = f"OpenEnd{trainer.__name__}"
+    return OpenEnd
