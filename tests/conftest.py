@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: ../shared material, the CLI as a real subprocess, and one session-wide SFT registry."""
+"""Shared pytest fixtures: ../shared material, the CLI as a real process, and one session-wide SFT registry."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from warm_cli import WarmCLI
 
 # Under pytest-xdist (`make test` runs two workers on two cores) every process gets one torch thread: two
 # processes each spinning two OpenMP threads on two cores slow each other down by an order of magnitude.
@@ -56,6 +58,23 @@ def align_env(cache: Path) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGN_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ALIGN_REGISTRY", None)
     return env
+
+
+_warm_cli: WarmCLI | None = None
+
+
+def align_process(args: list[Any], env: dict[str, str], cwd: Path = REPO,
+                  timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m align ARGS` as its own process (forked warm: tests/warm_cli.py), text output captured."""
+    global _warm_cli
+    if _warm_cli is None:
+        _warm_cli = WarmCLI(align_env(Path(tempfile.gettempdir()) / "align-warm-cli"), REPO)
+    return _warm_cli.run([str(arg) for arg in args], cwd=cwd, env=env, timeout=timeout)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _warm_cli is not None:
+        _warm_cli.close()
 
 
 def interrupt_after_first_checkpoint(args: list[str], registry: Path, name: str, cache: Path) -> None:
@@ -111,8 +130,7 @@ def run_align(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subproc
     env = align_env(tmp_path_factory.mktemp("cache"))
 
     def run(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "align", *map(str, args)], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return align_process(list(args), env, cwd=cwd, timeout=timeout)
 
     return run
 

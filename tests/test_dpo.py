@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from align.artifacts import Registry
 from align.errors import RecipeError
 from align.recipe import DPO_LOSS_TYPES, load_recipe
-from tests.conftest import REPO
 
 TINY_DPO = REPO / "recipes" / "tiny" / "dpo.yaml"
 STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED, align_env
+from conftest import REPO, SHARED, align_env, align_process
 from test_artifacts import FIXTURES, manifest, publish
 
 from align.artifacts import MAX_NAME_LENGTH, Registry
@@ -45,8 +45,7 @@ def damage(path: Path, how: str) -> None:
 
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """`python -m align ARGS` with extra environment variables (ALIGN_FORBID_WEIGHTS=1 proves no weights loaded)."""
-    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env={**align_env(tmp_path / "cache"), **env}, timeout=300)
+    return align_process(args, {**align_env(tmp_path / "cache"), **env}, timeout=300)
 
 
 def refused(result: subprocess.CompletedProcess, *fragments: str) -> None:

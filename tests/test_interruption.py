@@ -9,15 +9,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SFT, align_env, align_process
 
 from align import runtime
 from align.errors import StageInterrupted
 from align.runtime import PHASES, SIGNAL_AT_ENV
-from tests.conftest import REPO, TINY_SFT, align_env
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +30,7 @@ def run_sft(registry: Path, cache: Path, *extra: str, signal_at: str | None = No
     env.pop(SIGNAL_AT_ENV, None)
     if signal_at is not None:
         env[SIGNAL_AT_ENV] = signal_at
-    return subprocess.run([sys.executable, "-m", "align", "sft", str(TINY_SFT), "--registry", str(registry),
-                           *SHORT, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return align_process(["sft", TINY_SFT, "--registry", registry, *SHORT, *extra], env)
 
 
 def checkpoint_steps(registry: Path) -> list[int]:

@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from markupsafe import escape  # the template engine's escaping: ' is &#39;, not html.escape's &#x27;
 
 from align.artifacts import Artifact, Registry
@@ -23,7 +24,6 @@ from align.report.html import render_samples
 from align.report.plots import plot_curves, plot_frontier
 from align.stages import STAGES
 from bench.report_screenshot import find_chromium, screenshot
-from tests.conftest import REPO
 
 STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from safetensors import safe_open
-
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 TINY_REWARD = REPO / "recipes" / "tiny" / "reward.yaml"

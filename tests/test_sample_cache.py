@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO, rerecord_files
 
 from align import sample_cache
 from align.generation import Sample
 from align.manifest import BaseFile, BaseIdentity
-from tests.conftest import REPO, rerecord_files
 
 STORY_PROMPTS = REPO / "data_cards" / "tiny-story-prompts.yaml"
 

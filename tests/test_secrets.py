@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SFT, align_env, align_process
 
 from align.redaction import REDACTED, is_secret_name, redact, redact_override
-from tests.conftest import REPO, TINY_SFT, align_env
 
 # Distinctive values: found anywhere (text or binary) means a leak.
 ENV_SECRETS = {
@@ -77,8 +76,7 @@ def test_no_secret_lands_in_any_file_a_run_export_and_report_write(tmp_path: Pat
     env = {**align_env(cache), **ENV_SECRETS}
 
     def align(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "align", *map(str, args)], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = align_process(list(args), env)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_SFT
 
 from align.hashing import sha256_file
 from align.manifest import Manifest
-from tests.conftest import REPO, TINY_SFT
 
 pytestmark = pytest.mark.slow
 

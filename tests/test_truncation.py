@@ -283,17 +283,13 @@ def test_max_length_below_every_row_is_refused_before_weights(stories_dir: Path,
     """Every example dropped at train.max_length (TRL would fail deep inside with num_samples=0): one DataError
     naming the card, max_length and the shortest row, after the tokenizer loads and before any weights
     (ALIGN_FORBID_WEIGHTS makes a weight load raise). Nothing is published, no run directory is left."""
-    import subprocess
-    import sys
-
-    from conftest import align_env
+    from conftest import align_env, align_process
 
     stage, make_card, max_length, fragments = REFUSALS["sft"]
     card, registry = make_card(tmp_path), tmp_path / "registry"
-    result = subprocess.run([sys.executable, "-m", "align", stage, str(REPO / "recipes" / "tiny" / "sft.yaml"),
-                             "--registry", str(registry), *refusal_args(stage, card, max_length, stories_dir)],
-                            cwd=REPO, env={**align_env(tmp_path / "cache"), "ALIGN_FORBID_WEIGHTS": "1"},
-                            capture_output=True, text=True, timeout=300)
+    result = align_process([stage, REPO / "recipes" / "tiny" / "sft.yaml", "--registry", registry,
+                            *refusal_args(stage, card, max_length, stories_dir)],
+                           {**align_env(tmp_path / "cache"), "ALIGN_FORBID_WEIGHTS": "1"}, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert_length_refusal(result.stderr, card, max_length, fragments)
     assert not registry.exists() or not any(registry.rglob("*")), "a refused stage must leave nothing behind"
