@@ -230,6 +230,9 @@ def build_trainer(trainer_cls: Any, config_cls: Any, inputs: StageInputs, *,
     `train.group_by_length`, SFT, DPO and reward batches hold rows of similar length (`align.batching`)."""
     from align.batching import length_grouped
     from align.data.tokenized import DatasetCache
+    from align.fused_head import compact_on_cpu
+
+    compact_on_cpu()
 
     recipe = inputs.recipe
     # GRPO and RLOO have no max_length: they bound replies with max_completion_length instead.
