@@ -39,6 +39,39 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     return time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
+# Issue 14's targets for `make demo` (the demo chain from an empty registry on 2 CPU cores).
+DEMO_MINUTES_TARGET = 12.0
+DEMO_JUDGE_RISE_TARGETS = {"dpo": 0.30, "ppo": 0.25}  # over the SFT parent, >= 64 held-out prompts x 2
+DEMO_DISTINCT_2_TARGET = 0.4
+DEMO_REF_NLL_RISE_TARGET = 0.3
+DEMO_REWARD_ACCURACY_TARGET = 0.80  # on >= 96 held-out pairs
+DEMO_EVAL_SIZES = ["--limit", "64", "--num-samples", "2", "--max-new-tokens", "32"]  # the Makefile's EVAL_ARGS
+
+
+def demo_target_rows(minutes: float, evals: dict[str, EvalResult], reward_accuracy: float,
+                     reward_pairs: int) -> list[tuple[str, ...]]:
+    """One row per target of the demo chain, each saying met or not met with the measured value."""
+
+    def row(name: str, value: str, met: bool) -> tuple[str, ...]:
+        return (f"target: {name}", value, "-", "met" if met else "not met")
+
+    rows = [row(f"demo chain <= {DEMO_MINUTES_TARGET:.0f} min", f"{minutes:.1f} min", minutes <= DEMO_MINUTES_TARGET)]
+    for policy, target in DEMO_JUDGE_RISE_TARGETS.items():
+        report = evals[policy]
+        prompts = f"{report.prompts} prompts x {report.samples // max(report.prompts, 1)}"
+        rows.append(row(f"demo-{policy} judge rise >= +{target:.2f} ({prompts}, >= 64 x 2)",
+                        f"{report.judge_delta:+.3f} ± {report.judge_delta_stderr:.3f}",
+                        report.judge_delta >= target and report.prompts >= 64 and report.samples >= 128))
+        rows.append(row(f"demo-{policy} distinct-2 >= {DEMO_DISTINCT_2_TARGET}", f"{report.policy.distinct_2:.2f}",
+                        report.policy.distinct_2 >= DEMO_DISTINCT_2_TARGET))
+        rows.append(row(f"demo-{policy} reference-NLL rise <= {DEMO_REF_NLL_RISE_TARGET}",
+                        f"{report.ref_nll_rise:+.3f}", report.ref_nll_rise <= DEMO_REF_NLL_RISE_TARGET))
+    rows.append(row(f"demo-rm held-out accuracy >= {DEMO_REWARD_ACCURACY_TARGET:.2f} on >= 96 pairs",
+                    f"{reward_accuracy:.3f} on {reward_pairs} pairs",
+                    reward_accuracy >= DEMO_REWARD_ACCURACY_TARGET and reward_pairs >= 96))
+    return rows
+
+
 DPO_RSS_TARGET = 1.3  # x the SFT run's peak RSS: the reference is the same weights, adapter disabled
 PPO_RSS_TARGET = 0.4  # x the peak RSS of the same PPO holding four model copies (policy, reference, value, reward)
 PPO_MEMORY_STEPS = 2
@@ -136,17 +169,23 @@ def main() -> None:
                 rows.append((f"{label} {stage}: `{recipe}`", f"{wall:.1f} s", f"{peak[stage]:.0f} MiB", result))
             card = "tiny-story-prompts" if label == "tiny" else "demo-prompts"
             # The same evaluation `make pipeline` runs (the demo's is smaller: see EVAL_ARGS in the Makefile).
-            sizes = ["--limit", "32", "--num-samples", "2", "--max-new-tokens", "32"] if label == "demo" else []
+            sizes = DEMO_EVAL_SIZES if label == "demo" else []
             for policy in ("dpo", "ppo"):
                 wall, rss, code = measure([align, "eval", f"{label}-{policy}@latest", "--data",
                                            f"data_cards/{card}.yaml", "--reward", f"{label}-rm@latest",
                                            "--registry", registry, *sizes], env)
                 total += wall
                 result = eval_headline(Path(registry), f"{label}-{policy}") if code == 0 else f"exit {code}"
-                size = "32 prompts x 2" if sizes else "64 prompts x 4"
+                size = "64 prompts x 2" if sizes else "64 prompts x 4"
                 rows.append((f"{label} eval: {label}-{policy} vs {label}-sft, {size}", f"{wall:.1f} s",
                              f"{rss:.0f} MiB", result))
             rows.append((f"{label} chain, sft to both evals", f"{total / 60:.1f} min", "-", ""))
+            if label == "demo":
+                reg = Registry(Path(registry))
+                evals = {policy: EvalResult.of(reg.resolve(f"demo-{policy}@latest").path) for policy in ("dpo", "ppo")}
+                reward = reg.resolve("demo-rm@latest").manifest.metrics
+                if all(evals.values()):
+                    rows.extend(demo_target_rows(total / 60, evals, reward.eval_accuracy, reward.eval_pairs))
             ratio = peak["dpo"] / peak["sft"]
             rows.append((f"{label} DPO peak RSS / SFT peak RSS", f"{ratio:.2f}x", "-",
                          "ok" if ratio <= DPO_RSS_TARGET else f"over the {DPO_RSS_TARGET}x target"))
