@@ -22,6 +22,7 @@ def test_a_warm_process_answers_as_a_cold_one(tmp_path: Path) -> None:
         warm = align_process(args, env, cwd=tmp_path, timeout=120)
         cold = subprocess.run([sys.executable, "-m", "align", *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=120)
+        assert warm.forked, "the warm server did not run the call"
         assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout, cold.stderr), args
         codes.append(warm.returncode)
     assert codes == [0, 2, 2, 2]

@@ -48,23 +48,33 @@ class WarmCLI:
         self.server: subprocess.Popen | None = None
         self.scratch = Path(tempfile.mkdtemp(prefix="warm-cli-"))
         self.calls = 0
+        self.broken = False
 
-    def _server(self) -> subprocess.Popen:
+    def _server(self) -> subprocess.Popen | None:
+        """The running server, started on first use; None (every call cold, said once) if it cannot start."""
+        if self.broken:
+            return None
         if self.server is None or self.server.poll() is not None:
             self.server = subprocess.Popen([sys.executable, __file__], cwd=self.cwd, env=self.env, text=True,
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             ready = self.server.stdout.readline()
             if json.loads(ready or "{}").get("ready") is not True:
-                raise RuntimeError(f"the warm CLI server did not start: {ready!r}")
+                self.broken = True
+                print(f"warm CLI server did not start ({ready!r}): running every align command cold",
+                      file=sys.stderr)
+                return None
         return self.server
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """The completed process; its `forked` attribute says whether it came from the warm server."""
         command = [sys.executable, "-m", "align", *args]
-        if import_time_differences(self.env, env):
-            return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        server = None if import_time_differences(self.env, env) else self._server()
+        if server is None:
+            result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+            result.forked = False
+            return result
         self.calls += 1
         out, err = self.scratch / f"{self.calls}.out", self.scratch / f"{self.calls}.err"
-        server = self._server()
         request = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
                    "timeout": timeout}
         server.stdin.write(json.dumps(request) + "\n")
@@ -75,7 +85,9 @@ class WarmCLI:
         err.unlink()
         if answer["timed_out"]:
             raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
-        return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
+        result = subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
+        result.forked = True
+        return result
 
     def close(self) -> None:
         if self.server is not None and self.server.poll() is None:
