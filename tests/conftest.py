@@ -66,10 +66,15 @@ _warm_cli: WarmCLI | None = None
 def align_process(args: list[Any], env: dict[str, str], cwd: Path = REPO,
                   timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m align ARGS` as its own process (forked warm: tests/warm_cli.py), text output captured."""
+    return warm_cli().run([str(arg) for arg in args], cwd=cwd, env=env, timeout=timeout)
+
+
+def warm_cli() -> WarmCLI:
+    """This process's warm CLI server (started on its first call), with the environment it imported under."""
     global _warm_cli
     if _warm_cli is None:
         _warm_cli = WarmCLI(align_env(Path(tempfile.gettempdir()) / "align-warm-cli"), REPO)
-    return _warm_cli.run([str(arg) for arg in args], cwd=cwd, env=env, timeout=timeout)
+    return _warm_cli
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

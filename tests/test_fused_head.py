@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from trl.kernels import chunked_logprob
 from trl.trainer import utils as trl_utils
 
 from align.fused_head import compact_on_cpu
@@ -30,7 +31,8 @@ def test_only_labelled_rows_reach_the_kernel_and_the_log_probs_do_not_change(mon
             return kernel.apply(hidden, *args)
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # undone after the test
+    # TRL's own switch (the kernel module's), whatever an earlier test in this process left patched
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)
 
     def scored() -> tuple[torch.Tensor, torch.Tensor]:
         model.zero_grad()

@@ -6,14 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import align_env, align_process
+from conftest import align_process, warm_cli
 from warm_cli import import_time_differences
 
 
 def test_a_warm_process_answers_as_a_cold_one(tmp_path: Path) -> None:
     """Exit code, stdout and stderr of a success, a user error and a usage error, warm and cold; and the warm
     child runs in the caller's directory and environment (a relative registry path, ALIGN_REGISTRY)."""
-    env = {**align_env(tmp_path / "cache"), "ALIGN_REGISTRY": str(tmp_path / "from-env")}
+    # The server's own environment: variables an earlier test in this process set since would send calls cold
+    env = {**warm_cli().env, "ALIGN_CACHE": str(tmp_path / "cache"), "ALIGN_REGISTRY": str(tmp_path / "from-env")}
     (tmp_path / "bad.yaml").write_text("stage: sft\nname: x\nmodel: {base: m}\ndata: {card: c.yaml}\nlora: 3\n")
     commands = [["artifacts", "list"], ["recipe", "validate", "bad.yaml"], ["no-such-command"],
                 ["artifacts", "show", "missing@v1", "--registry", "reg"]]
@@ -22,7 +23,7 @@ def test_a_warm_process_answers_as_a_cold_one(tmp_path: Path) -> None:
         warm = align_process(args, env, cwd=tmp_path, timeout=120)
         cold = subprocess.run([sys.executable, "-m", "align", *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=120)
-        assert warm.forked, "the warm server did not run the call"
+        assert warm.forked, f"ran cold: {import_time_differences(warm_cli().env, env)} differ"
         assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout, cold.stderr), args
         codes.append(warm.returncode)
     assert codes == [0, 2, 2, 2]
@@ -35,3 +36,4 @@ def test_a_variable_read_at_import_sends_the_call_cold() -> None:
     assert import_time_differences(base, {**base, "HF_TOKEN": "t", "OMP_NUM_THREADS": "2"}) == ["HF_TOKEN",
                                                                                               "OMP_NUM_THREADS"]
     assert import_time_differences(base, {"ALIGN_CACHE": "/a", "PATH": "/bin"}) == ["HOME"]
+    assert import_time_differences(base, {**base, "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root"}) == []
