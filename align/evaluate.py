@@ -352,13 +352,15 @@ def evaluate_artifact(artifact: Artifact, registry: Registry, settings: EvalSett
 
     with compute():
         policy = generation.generate_samples(model, tokenizer, prompts, progress="sampling the artifact", **sampling)
+        # Before the parent's samples: an evaluation beside another of the same parent (`make demo`) may wait
+        # for the other's samples to be cached, and has this to do first.
+        refs = reference_logprobs(model, policy, None, tokenizer.pad_token_id, settings)
         if cache:
             identity = parent_sampling_identity(artifact, registry, model, tokenizer, prompts, sampling, precision, on)
             sampled = cached_parent_samples(model, tokenizer, prompts, sampling, settings, identity, registry.root)
         else:
             sampled = ParentSamples(*sample_parent(model, tokenizer, prompts, sampling, settings), cached=False,
                                     key=None)
-        refs = reference_logprobs(model, policy, None, tokenizer.pad_token_id, settings)
 
     with compute():
         judge_policy = judge(prompts, [s.text for s in policy])

@@ -184,7 +184,11 @@ def decode(model: Any, prompt_ids: list[list[int]], draws: Any, *, stop_ids: lis
            temperature: float, top_p: float) -> list[list[int]]:
     """One batch: the prompts through the model once (`prefill`), then one token per step for every row against
     the KV cache, until every row has hit a stop id or `draws.shape[1]` steps. Returns each row's generated ids
-    (what follows a row's stop token is padding). The vocabulary projection runs at the last position only."""
+    (what follows a row's stop token is padding). The vocabulary projection runs at the last position only.
+
+    Finished rows leave the batch once enough of them have (`worth_dropping`): replies end at different steps
+    (a demo batch of 128 ran 32 steps for replies of ~22 tokens on average), and a row's numbers do not depend
+    on the other rows of its batch, so dropping them changes no token and saves their share of later steps."""
     import torch
 
     device = draws.device
@@ -193,20 +197,33 @@ def decode(model: Any, prompt_ids: list[list[int]], draws: Any, *, stop_ids: lis
     logits, mask, positions = prefill(model, prompt_ids, cache, step_inputs, pad_id=pad_id, device=device)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)  # [B, R]
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    running = torch.arange(rows, device=device)  # [b]: which of the B rows each row of the batch is
+    done = torch.zeros(rows, dtype=torch.bool, device=device)  # [b]
     for step in range(steps):
-        chosen = next_tokens(logits.float(), temperature, top_p, draws[:, step])
-        chosen = chosen.masked_fill(done, pad_id)  # [B]: a finished row only pads
-        tokens[:, step] = chosen
+        chosen = next_tokens(logits.float(), temperature, top_p, draws[running, step])
+        chosen = chosen.masked_fill(done, pad_id)  # [b]: a finished row still in the batch only pads
+        tokens[running, step] = chosen
         done |= torch.isin(chosen, stop)
         if bool(done.all()):
             return tokens[:, :step + 1].tolist()
-        if step + 1 < steps:
-            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-            positions = positions + 1
-            logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
-                           **step_inputs).logits[:, -1]
+        if step + 1 == steps:
+            break
+        if worth_dropping(int(done.sum()), len(running)):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            running, chosen, mask, positions, done = (running[keep], chosen[keep], mask[keep], positions[keep],
+                                                      done[keep])
+        mask = torch.cat([mask, mask.new_ones((len(running), 1))], dim=1)
+        positions = positions + 1
+        logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
+                       **step_inputs).logits[:, -1]
     return tokens.tolist()
+
+
+def worth_dropping(finished: int, batch: int) -> bool:
+    """Whether `finished` of the `batch` rows decoding are enough to drop from it: at least an eighth. Dropping
+    copies the KV cache once, about what one step's cache update copies anyway."""
+    return finished > 0 and finished * 8 >= batch
 
 
 def prefill(model: Any, prompt_ids: list[list[int]], cache: Any, step_inputs: dict[str, Any], *, pad_id: int,

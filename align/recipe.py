@@ -161,6 +161,9 @@ class RewardSection(_Section):
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="Pull mean rewards towards 0 (Eisenstein et al. 2023); TRL's name; 0.01 is typical"
     )
+    eval_before: bool = Field(True, description="Score the held-out pairs before training too "
+                                                "(eval_accuracy_before): a baseline for the accuracy after, "
+                                                "near chance since the score head starts random")
 
 
 class DpoSection(_Section):

@@ -96,9 +96,12 @@ def test_reward_drops_what_validate_predicted_and_its_counts_add_up(
     assert "as `align reward` will record it: rows: read" in predicted.stdout
     expected = accounting(predicted.stdout)
 
-    result = run_align("reward", recipe, "--registry", tmp_path / "registry", *settings)
+    # Without the baseline pass before training (reward.eval_before: false), which nothing here needs.
+    result = run_align("reward", recipe, "--registry", tmp_path / "registry", *settings,
+                       "--set", "reward.eval_before=false")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "registry" / "tiny-rm" / "v1" / "manifest.json").read_text())["metrics"]
+    assert metrics["eval_accuracy_before"] is None and 0 <= metrics["eval_accuracy"] <= 1
     assert (metrics["rows_read"], metrics["train_rows"], metrics["eval_rows"]) == (15, 9, 2)
     assert metrics["rows_dropped"] == {**dict.fromkeys(REASONS, 0), "too_long": 4} and adds_up(metrics)
     assert {key: expected[key] for key in ("read", "train", "eval", "too_long")} == {

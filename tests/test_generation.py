@@ -155,3 +155,41 @@ def test_weights_cast_once_computes_exactly_what_autocast_does(stories: tuple[An
         assert any(flags.values()) and not all(flags.values())
     finally:
         model.unload()  # the module's base model goes back as it was
+
+
+def test_finished_rows_leave_the_batch_and_no_token_changes(stories: tuple[Any, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that hit a stop token are dropped from the batch (later steps run on fewer rows) and every sample
+    is token for token what the loop that keeps them, padding, gives."""
+    from align import generation
+
+    model, tokenizer = stories
+    # A full stop ends a reply too, so replies end at different steps.
+    full_stop = tokenizer(".", add_special_tokens=False)["input_ids"][-1]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, full_stop])
+    widths: list[int] = []
+    def record_step(_: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape[1] == 1 < kwargs["attention_mask"].shape[1]:  # a step after the prompts
+            widths.append(kwargs["input_ids"].shape[0])
+
+    hook = model.register_forward_pre_hook(record_step, with_kwargs=True)
+
+    def sample() -> list[tuple[list[int], bool]]:
+        widths.clear()
+        found = generation.generate_samples(model, tokenizer, PROMPTS * 6, chat_template="none", max_new_tokens=64,
+                                            temperature=1.0, seed=3, batch_size=32)
+        return [(s.reply_ids, s.ended) for s in found]
+
+    try:
+        dropping = sample()
+        steps_dropping = list(widths)
+        monkeypatch.setattr(generation, "worth_dropping", lambda finished, batch: False)
+        keeping = sample()
+        steps_keeping = list(widths)
+    finally:
+        hook.remove()
+    lengths = sorted(len(reply) for reply, _ in dropping)
+    assert lengths[0] < lengths[-1] and sum(ended for _, ended in dropping) >= 3  # rows end at different steps
+    assert dropping == keeping
+    assert min(steps_dropping) < 30 and set(steps_keeping) == {30}  # 30 prompts in one batch
+    assert sum(steps_dropping) < sum(steps_keeping)

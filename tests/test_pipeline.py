@@ -1,5 +1,6 @@
-"""`make pipeline` as CI and users run it: the whole tiny chain once (few steps), then nothing re-runs when
-nothing changed, and touching a data card re-runs exactly the stages downstream of it."""
+"""`make pipeline` as CI and users run it: the whole tiny chain once (few steps; two stages at a time, as
+`make demo` runs it), then nothing re-runs when nothing changed, and touching a data card re-runs exactly the
+stages downstream of it."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ STAGE_COMMANDS = {stage: f"align {stage} " for stage in ("sft", "pairs", "reward
 STAGE_COMMANDS["eval"] = "align eval "
 
 
-def make(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def make(tmp_path: Path, *extra: str, target: str = "pipeline") -> subprocess.CompletedProcess:
     recipes = tmp_path / "recipes" / "tiny"
     args = [
-        "make", "--no-print-directory", *extra, "pipeline", f"RECIPES={recipes}", f"REGISTRY={tmp_path / 'registry'}",
+        "make", "--no-print-directory", *extra, target, f"RECIPES={recipes}", f"REGISTRY={tmp_path / 'registry'}",
         f"EVAL_CARD={tmp_path / 'data_cards' / 'tiny-story-prompts.yaml'}",
         "ARGS_sft=--set train.max_steps=2 --set sft.num_samples=0",
         "ARGS_pairs=--set data.limit=16 --set data.eval_limit=8 --set pairs.max_new_tokens=16",
@@ -45,9 +46,23 @@ def test_pipeline_runs_once_and_then_only_downstream_of_a_change(tmp_path: Path,
     sft = tmp_path / "recipes" / "tiny" / "sft.yaml"
     sft.write_text(sft.read_text().replace("../../../shared/models/stories260K", str(stories_dir)))
 
-    first = make(tmp_path)
+    # As `make demo` runs it: dpo beside reward and the two evaluations side by side, on half the cores each
+    # (one thread on this machine's two), the other stages alone on all of them.
+    first = make(tmp_path, target="pipeline-j2")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     assert commands(first.stdout) == set(STAGE_COMMANDS)
+    runs = [line for line in first.stdout.splitlines()
+            if any(command in line for command in STAGE_COMMANDS.values()) and "recipe deps" not in line]
+    side_by_side = {"reward", "dpo", "eval"}
+    assert len(runs) == 7, runs  # each stage once, two evaluations
+    half = f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 2)} "
+    for line in runs:
+        stage = next(stage for stage, command in STAGE_COMMANDS.items() if command in line)
+        assert line.startswith(half) == (stage in side_by_side), line
+    # A stage whose output is held back until it ends says when it starts.
+    started = {name for name in ("sft", "pairs", "dpo", "reward", "ppo", "eval-dpo", "eval-ppo")
+               if f"] {name} started; its output follows when it ends" in first.stdout}
+    assert started == {"dpo", "reward", "eval-dpo", "eval-ppo"}, first.stdout[-3000:]
     assert "tiny-ppo@v1" in first.stdout and "tiny-dpo@v1" in first.stdout  # the comparison table
     assert (tmp_path / "registry" / "report-tiny.html").is_file()
 

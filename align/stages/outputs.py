@@ -74,7 +74,7 @@ class RewardMetrics(TrainedMetrics):
     eval_reward_mean: float
     eval_reward_std: float
     eval_pairs: int
-    eval_accuracy_before: float
+    eval_accuracy_before: float | None  # None: not measured (reward.eval_before: false)
 
     @classmethod
     def migrate_v1(cls, metrics: dict[str, Any]) -> dict[str, Any]:

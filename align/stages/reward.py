@@ -2,7 +2,8 @@
 
 Steps: preference card -> rows; base (or SFT artifact, merged in memory) with a scalar score head; a fresh
 `SEQ_CLS` LoRA, which makes PEFT train and save the score head too (with CAUSAL_LM the head is silently
-lost, trl #1379); pairwise accuracy before/after on the eval split; publish adapter + per-pair scores.
+lost, trl #1379); pairwise accuracy on the eval split after training (and before, unless
+`reward.eval_before: false`); publish adapter + per-pair scores.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ def run(recipe: Recipe, registry: Registry, *, resume: bool = False, say: Any = 
                                          chat_template=chat_template, batch_size=batch)
         return chosen, rejected
 
-    before = scoring.pairwise_metrics(*eval_scores())
+    before = scoring.pairwise_metrics(*eval_scores()) if recipe.reward.eval_before else None
     train_metrics = training.train(trainer, run_state)
     chosen, rejected = eval_scores()
     after = scoring.pairwise_metrics(chosen, rejected)
 
     metrics = {
         **{f"eval_{key}": value for key, value in after.items()},
-        "eval_accuracy_before": before["accuracy"],
+        "eval_accuracy_before": before["accuracy"] if before is not None else None,
     }
     scores = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
     normalisation = {"mean": after["reward_mean"], "std": after["reward_std"]}
