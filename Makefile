@@ -55,18 +55,15 @@ announce       = $(if $(STAGE_THREADS),$(info [$(shell date +%H:%M:%S)] $(1) sta
 HALF_THE_CORES := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 1 ? n / 2 : 1 )))
 TWO_AT_A_TIME  := -j2 --output-sync=target STAGE_THREADS=$(HALF_THE_CORES)
 
-# The same chain in four steps, two stages at a time where the chain allows it and it pays (`make demo`): sft and
-# pairs alone; DPO beside the reward model, half the cores each (training this small scales poorly with threads:
-# on 2 cores the pair took 202 s side by side, 304 s one after the other); PPO alone (it gains most from a second
-# thread: 151 s on 2, 278 s on 1); the two evaluations side by side (the second reads the parent's samples the
-# first caches). The thread count changes no training number (same losses and accuracies to the last digit on 1
-# and 2 threads); sampled replies can differ in rare float ties. On GPUs run `make pipeline` instead: side by side
-# the stages would share one device's memory.
+# The same chain two stages at a time where the chain allows it (`make demo`): sft and pairs alone; then two lanes
+# on half the cores each, reward -> ppo beside dpo -> eval-dpo (small-model training scales poorly with threads:
+# on 2 cores dpo and reward took 202 s side by side, 304 s one after the other); then eval-ppo alone, reading the
+# parent's samples eval-dpo cached. The thread count changes no training number (the same losses and accuracies to
+# the last digit on 1 and 2 threads); sampled replies can differ in rare float ties. On GPUs run `make pipeline`:
+# side by side the stages would share one device's memory.
 pipeline-j2: setup
 	$(MAKE) --no-print-directory $(STAMPS)/pairs.done
-	$(MAKE) --no-print-directory $(TWO_AT_A_TIME) $(STAMPS)/dpo.done $(STAMPS)/reward.done
-	$(MAKE) --no-print-directory $(STAMPS)/ppo.done
-	$(MAKE) --no-print-directory $(TWO_AT_A_TIME) $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done
+	$(MAKE) --no-print-directory $(TWO_AT_A_TIME) $(STAMPS)/ppo.done $(STAMPS)/eval-dpo.done
 	$(MAKE) --no-print-directory pipeline
 
 pipeline: setup $(STAMPS)/eval-dpo.done $(STAMPS)/eval-ppo.done $(REPORT)

@@ -399,6 +399,57 @@ def decoder(model: Any) -> Any:
     return inner.get_decoder()
 
 
+def unadapted_layers(model: Any) -> int:
+    """How many of the decoder's bottom layers hold no LoRA module of any adapter (all of them: none has one).
+    Their output is the same for every adapter and with adapters off (the demo adapts the top 10 of 30)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = getattr(decoder(model), "layers", None)
+    if layers is None:  # a decoder that does not keep its layers as `layers` (GPT-2's `h`): nothing is shared
+        return 0
+    return next((index for index, layer in enumerate(layers)
+                 if any(isinstance(module, LoraLayer) for module in layer.modules())), len(layers))
+
+
+@contextmanager
+def only_layers(model: Any, chosen: slice) -> Iterator[Any]:
+    """The decoder with only `chosen` of its layers for the block (the same layer objects; restored after)."""
+    from torch import nn
+
+    body = decoder(model)
+    every = body.layers
+    body.layers = nn.ModuleList(list(every)[chosen])
+    try:
+        yield body
+    finally:
+        body.layers = every
+
+
+def trunk_states(model: Any, below: int, input_ids: Any, attention_mask: Any, position_ids: Any) -> Any:
+    """The hidden states [B, T, H] entering decoder layer `below`: the bottom layers' output, computed once and
+    shared by every adapter whose layers all sit above them (`above_trunk`)."""
+    captured: list[Any] = []
+
+    def keep(_: Any, __: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    hook = decoder(model).layers[below - 1].register_forward_hook(keep)
+    try:
+        with only_layers(model, slice(0, below)) as body:
+            body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
+def above_trunk(model: Any, below: int, trunk: Any, attention_mask: Any, position_ids: Any) -> Any:
+    """The decoder's last hidden states [B, T, H] from `trunk_states` through layers `below`.. and the final norm,
+    with whatever adapter is active: the numbers of a whole pass, without recomputing the bottom layers."""
+    with only_layers(model, slice(below, None)) as body:
+        return body(inputs_embeds=trunk, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
+
+
 def lm_head(model: Any) -> Any:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.get_output_embeddings()

@@ -46,23 +46,24 @@ def test_pipeline_runs_once_and_then_only_downstream_of_a_change(tmp_path: Path,
     sft = tmp_path / "recipes" / "tiny" / "sft.yaml"
     sft.write_text(sft.read_text().replace("../../../shared/models/stories260K", str(stories_dir)))
 
-    # As `make demo` runs it: dpo beside reward and the two evaluations side by side, on half the cores each
-    # (one thread on this machine's two), the other stages alone on all of them.
+    # As `make demo` runs it: two lanes on half the cores each (one thread on this machine's two), reward -> ppo
+    # beside dpo -> its evaluation; sft, pairs and ppo's evaluation alone on all of them.
     first = make(tmp_path, target="pipeline-j2")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     assert commands(first.stdout) == set(STAGE_COMMANDS)
     runs = [line for line in first.stdout.splitlines()
             if any(command in line for command in STAGE_COMMANDS.values()) and "recipe deps" not in line]
-    side_by_side = {"reward", "dpo", "eval"}
+    side_by_side = {"reward", "dpo", "ppo", "eval tiny-dpo"}
     assert len(runs) == 7, runs  # each stage once, two evaluations
     half = f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 2)} "
     for line in runs:
         stage = next(stage for stage, command in STAGE_COMMANDS.items() if command in line)
-        assert line.startswith(half) == (stage in side_by_side), line
+        name = f"eval {line.split('align eval ')[1].split('@')[0]}" if stage == "eval" else stage
+        assert line.startswith(half) == (name in side_by_side), line
     # A stage whose output is held back until it ends says when it starts.
     started = {name for name in ("sft", "pairs", "dpo", "reward", "ppo", "eval-dpo", "eval-ppo")
                if f"] {name} started; its output follows when it ends" in first.stdout}
-    assert started == {"dpo", "reward", "eval-dpo", "eval-ppo"}, first.stdout[-3000:]
+    assert started == {"dpo", "reward", "ppo", "eval-dpo"}, first.stdout[-3000:]
     assert "tiny-ppo@v1" in first.stdout and "tiny-dpo@v1" in first.stdout  # the comparison table
     assert (tmp_path / "registry" / "report-tiny.html").is_file()
 

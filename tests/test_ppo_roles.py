@@ -143,3 +143,60 @@ def test_reward_reads_text_its_own_way_in_both_layouts(reward_artifact: Path, sf
                                      max_length=reward.manifest.recipe["train"]["max_length"])
     assert scores[0] == pytest.approx(expected, abs=1e-5)
     assert scores[1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_layers_below_every_adapter_run_once_for_policy_value_and_reference(stories_dir: Path) -> None:
+    """With adapters on the top layers only (as the demo's), the shared layout computes the layers below them once
+    per batch (`ActorCritic.trunk`) for the policy, the value and the reference, and every number is exactly
+    that of whole passes: log-probs, entropies, values, reference log-probs and the gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align import models
+    from align.ppo.roles import ActorCritic, Roles
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(stories_dir)
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [3, 4],
+              "init_lora_weights": False}  # non-zero B: the adapters change the numbers
+    model = get_peft_model(base, LoraConfig(**config), adapter_name="policy")
+    model.add_adapter("value", LoraConfig(**config))
+    for name, param in model.named_parameters():
+        param.requires_grad_(".policy." in name or ".value." in name)
+    critic = ActorCritic(model, model, torch.nn.Linear(base.config.hidden_size, 1))
+    roles = Roles(critic, None, None, None, "shared")
+    assert models.unadapted_layers(model) == 3
+
+    input_ids = torch.tensor([[0, 0, 1, 403, 251, 310, 263, 131], [1, 38, 201, 263, 431, 227, 471, 263]])
+    attention = (input_ids != 0).long()
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    bottom_calls: list[int] = []
+    hook = models.decoder(model).layers[0].register_forward_hook(lambda *_: bottom_calls.append(1))
+
+    def run(shared: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        critic.zero_grad(set_to_none=True)
+        bottom_calls.clear()
+        trunk = critic.trunk(input_ids, attention, positions) if shared else None
+        calls_for_trunk = len(bottom_calls)
+        logprobs, entropy, values = critic(input_ids, attention, positions, 4, 1.0, trunk=trunk)
+        with torch.no_grad():
+            reference = roles.reference_logprobs(input_ids, attention, positions, 4, 1.0, trunk=trunk)
+        (logprobs.sum() + values.sum()).backward()
+        if shared:
+            assert trunk is not None and critic.trunk_below == 3
+            assert len(bottom_calls) == calls_for_trunk  # nothing after the trunk ran the bottom layers again
+        else:
+            assert len(bottom_calls) == 3  # policy, value, reference: each a whole pass
+        grads = {name: p.grad.clone() for name, p in critic.named_parameters() if p.grad is not None}
+        return [logprobs, entropy, values, reference], grads
+
+    try:
+        whole, whole_grads = run(shared=False)
+        split, split_grads = run(shared=True)
+    finally:
+        hook.remove()
+    for a, b in zip(whole, split, strict=True):
+        assert torch.equal(a, b)
+    assert whole_grads.keys() == split_grads.keys() and len(whole_grads) > 0
+    assert all(torch.equal(whole_grads[name], split_grads[name]) for name in whole_grads)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from align import integrity, models
+from align import integrity, models, runtime
 from align.errors import ArtifactError, RecipeError
 from align.models import decoder
 from align.rewards import RewardModel, RewardScorer, stage_normalisation
@@ -45,7 +45,11 @@ def _switch(model: Any, adapter: str, trainable: dict[nn.Parameter, bool]) -> No
 
 class ActorCritic(nn.Module):
     """Policy and value in one module, so one DDP wrapper and one backward cover both. In the shared layout
-    `policy` and `value` are the same PeftModel and the forward switches adapters."""
+    `policy` and `value` are the same PeftModel and the forward switches adapters.
+
+    Shared, in one process, the decoder layers below every adapter (the demo adapts the top 10 of 30) give the
+    same output to the policy, the value and the reference: `trunk` computes them once per batch, the rollout
+    keeps them for the update's epochs, and each role runs only the layers above (`models.above_trunk`)."""
 
     def __init__(self, policy: Any, value: Any, value_head: nn.Linear) -> None:
         super().__init__()
@@ -53,6 +57,9 @@ class ActorCritic(nn.Module):
         self.value = value
         self.value_head = value_head
         self._flags = {p: p.requires_grad for p in self.parameters()}
+        shareable = policy is value and runtime.world()[1] == 1
+        self._trunk_candidate = models.unadapted_layers(policy) if shareable else 0
+        self.trunk_below = 0  # set once a split pass has given exactly a whole pass's numbers (`trunk`)
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
@@ -68,20 +75,45 @@ class ActorCritic(nn.Module):
         reward adapter on the same model."""
         _switch(self.policy if role == "policy" else self.value, role, self._flags)
 
-    def hidden(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               position_ids: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The hidden states [B, L, H] entering the first adapted layer, for `forward` and the reference; None
+        when nothing is shared (every layer adapted, separate models, several processes) or when, on the first
+        batch, the split pass did not give exactly the numbers of a whole pass (a model whose forward treats
+        `inputs_embeds` differently): then every pass stays whole."""
+        below = self._trunk_candidate
+        if not below:
+            return None
+        trunk = models.trunk_states(self.policy, below, input_ids, attention_mask, position_ids)
+        if not self.trunk_below:
+            self.use("policy")
+            whole = decoder(self.policy)(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids).last_hidden_state
+            if not torch.equal(whole, models.above_trunk(self.policy, below, trunk, attention_mask, position_ids)):
+                self._trunk_candidate = 0
+                return None
+            self.trunk_below = below
+        return trunk
+
+    def hidden(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               trunk: torch.Tensor | None = None) -> torch.Tensor:
         self.use(role)
         model = self.policy if role == "policy" else self.value
+        if trunk is not None:
+            return models.above_trunk(model, self.trunk_below, trunk, attention_mask, position_ids)  # [B, L, H]
         return decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids).last_hidden_state  # [B, L, H]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                prompt_width: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs and entropy of the response tokens under the policy, and the value before each of them."""
+                prompt_width: int, temperature: float, trunk: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs and entropy of the response tokens under the policy, and the value before each of them.
+        `trunk`: this batch's `trunk`, when the roles share it."""
         responses = input_ids[:, prompt_width:]  # [B, R]
-        hidden = self.hidden("policy", input_ids, attention_mask, position_ids)[:, prompt_width - 1:-1]  # [B, R, H]
+        hidden = self.hidden("policy", input_ids, attention_mask, position_ids, trunk)[:, prompt_width - 1:-1]
         logprobs, entropy = models.token_logprobs(self.policy, hidden, responses, temperature, entropy=True)
-        value_hidden = self.hidden("value", input_ids, attention_mask, position_ids)[:, prompt_width - 1:-1]
+        value_hidden = self.hidden("value", input_ids, attention_mask, position_ids, trunk)[:, prompt_width - 1:-1]
         values = self.value_head(value_hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, R]
         return logprobs, entropy, values
 
@@ -122,13 +154,16 @@ class Roles:
         return sum(storages.values())
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                           prompt_width: int, temperature: float) -> torch.Tensor:
-        """log p_ref of the response tokens [B, R]: the SFT model, i.e. the policy model with adapters off."""
+                           prompt_width: int, temperature: float, trunk: torch.Tensor | None = None) -> torch.Tensor:
+        """log p_ref of the response tokens [B, R]: the SFT model, i.e. the policy model with adapters off.
+        `trunk`: the batch's shared bottom layers (`ActorCritic.trunk`), when there are any."""
         model = self.reference_model if self.reference_model is not None else self.policy
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.reference_model is None:
             with self.actor_critic.adapters_disabled():
-                hidden = decoder(model)(**kwargs).last_hidden_state
+                hidden = (decoder(model)(**kwargs).last_hidden_state if trunk is None else
+                          models.above_trunk(model, self.actor_critic.trunk_below, trunk, attention_mask,
+                                             position_ids))
         else:
             hidden = decoder(model)(**kwargs).last_hidden_state
         return models.token_logprobs(model, hidden[:, prompt_width - 1:-1], input_ids[:, prompt_width:],

@@ -38,11 +38,13 @@ class Rollout:
     reward_model_scores: torch.Tensor | None  # [B] raw reward-model scores, for logging
     ended_with_eos: torch.Tensor  # [B] bool
     texts: list[str] = field(default_factory=list)
+    trunk: torch.Tensor | None = None  # [B, P + R, H] the shared bottom layers' output (`ActorCritic.trunk`)
 
     def rows(self, index: torch.Tensor) -> dict[str, Any]:
         """The model inputs of some rows, for a minibatch forward pass."""
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
-                "position_ids": self.position_ids[index], "prompt_width": self.prompt_width}
+                "position_ids": self.position_ids[index], "prompt_width": self.prompt_width,
+                "trunk": self.trunk[index] if self.trunk is not None else None}
 
 
 def layout(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -87,15 +89,18 @@ def collect(roles: Roles, tokenizer: Any, prompts: list[list[Message]], settings
     device = policy.value_head.weight.device
     input_ids, attention, positions, response_mask, width_p = (t.to(device) if torch.is_tensor(t) else t
                                                                for t in layout(samples, tokenizer.pad_token_id))
-    logprobs, ref_logprobs, values = [], [], []
+    logprobs, ref_logprobs, values, trunks = [], [], [], []
     for start in range(0, len(samples), forward_batch_size):
         rows = slice(start, start + forward_batch_size)
+        trunk = policy.trunk(input_ids[rows], attention[rows], positions[rows])  # None: nothing shared
         inputs = (input_ids[rows], attention[rows], positions[rows], width_p, settings.temperature)
-        logp, _, value = policy(*inputs)
+        logp, _, value = policy(*inputs, trunk=trunk)
         logprobs.append(logp)
         values.append(value)
-        ref_logprobs.append(roles.reference_logprobs(*inputs))
+        ref_logprobs.append(roles.reference_logprobs(*inputs, trunk=trunk))
+        trunks.append(trunk)
     scores, raw, ended = sequence_scores(roles, prompts, samples, settings, reward_fn, forward_batch_size)
     return Rollout(input_ids, attention, positions, response_mask, width_p, torch.cat(logprobs),
                    torch.cat(ref_logprobs), torch.cat(values).float(), scores.to(device),
-                   raw.to(device) if raw is not None else None, ended.to(device), [s.text for s in samples])
+                   raw.to(device) if raw is not None else None, ended.to(device), [s.text for s in samples],
+                   trunk=torch.cat(trunks) if all(t is not None for t in trunks) else None)
