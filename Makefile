@@ -57,7 +57,7 @@ TWO_AT_A_TIME  := -j2 --output-sync=target STAGE_THREADS=$(HALF_THE_CORES)
 
 # The same chain two stages at a time where the chain allows it (`make demo`): sft and pairs alone; then two lanes
 # on half the cores each, reward -> ppo beside dpo -> eval-dpo (small-model training scales poorly with threads:
-# on 2 cores dpo and reward took 202 s side by side, 304 s one after the other); then eval-ppo alone, reading the
+# on 2 cores dpo and reward took 212 s side by side, ~300 s one after the other); then eval-ppo alone, reading the
 # parent's samples eval-dpo cached. The thread count changes no training number (the same losses and accuracies to
 # the last digit on 1 and 2 threads); sampled replies can differ in rare float ties. On GPUs run `make pipeline`:
 # side by side the stages would share one device's memory.
